@@ -1,0 +1,95 @@
+"""``create_app(settings)``: the aiohttp application, its state and lifetimes, and ``serve``.
+
+Upstream sessions are opened and closed in ``app.cleanup_ctx`` (aiohttp
+``examples/background_tasks.py``). Handler cancellation is on: when a client disconnects,
+its handler is cancelled at once, which detaches it from its stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from proxy.auth import KeyStore
+from proxy.balancer import Balancer
+from proxy.config import Settings
+from proxy.http_api import GATEWAY, Gateway, add_routes, gateway_middleware
+from proxy.observability import configure_logging, log
+from proxy.upstream import Upstream
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the gateway application for ``settings``; nothing is opened until it starts.
+
+    Raises:
+        ValueError: the settings ask for a feature this build does not have yet
+            (``state.backend: redis``).
+    """
+    if settings.state.backend != "memory":
+        raise ValueError("state.backend: redis is not available yet in this version; "
+                         "use state.backend: memory (one process)")
+    app = web.Application(middlewares=[gateway_middleware],
+                          client_max_size=settings.server.max_body_bytes)
+    upstreams = {name: Upstream(name, cfg) for name, cfg in settings.upstreams.items()}
+    balancer = Balancer({name: cfg.models for name, cfg in settings.upstreams.items()})
+    app[GATEWAY] = Gateway(settings, KeyStore(settings.keys), balancer, upstreams)
+    app.cleanup_ctx.append(_upstream_pools)
+    app.on_shutdown.append(_on_shutdown)
+    add_routes(app)
+    return app
+
+
+async def _upstream_pools(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY]
+    for upstream in gateway.upstreams.values():
+        await upstream.start()
+    yield
+    tasks = gateway.streams.cancel_all()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for upstream in gateway.upstreams.values():
+        await upstream.close()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[GATEWAY].draining = True
+
+
+async def start_server(settings: Settings, host: str | None = None, port: int | None = None
+                       ) -> tuple[web.AppRunner, int]:
+    """Start the gateway on the running loop; returns the runner and the bound port.
+
+    ``port=0`` binds a free port. Stop it with ``await runner.cleanup()``. Tests use this,
+    so they run the same server set-up as ``shepherd serve``.
+    """
+    app = create_app(settings)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=settings.server.drain_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(runner, host or settings.server.host,
+                       settings.server.port if port is None else port)
+    await site.start()
+    server = site._server
+    assert isinstance(server, asyncio.base_events.Server)
+    bound = server.sockets[0].getsockname()[1]
+    return runner, int(bound)
+
+
+def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    """Run the gateway in the foreground on uvloop until SIGINT/SIGTERM."""
+    configure_logging()
+    import uvloop
+    bind_host = host or settings.server.host
+    bind_port = settings.server.port if port is None else port
+    log.info("starting", extra={"host": bind_host, "port": bind_port,
+                                "upstreams": list(settings.upstreams)})
+    web.run_app(
+        create_app(settings), host=bind_host, port=bind_port, access_log=None,
+        handler_cancellation=True, shutdown_timeout=settings.server.drain_timeout_s,
+        print=lambda _: log.info("listening", extra={"url": f"http://{bind_host}:{bind_port}"}),
+        loop=uvloop.new_event_loop(),
+        reuse_port=settings.server.workers > 1 and hasattr(socket, "SO_REUSEPORT"),
+    )

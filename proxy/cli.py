@@ -1,0 +1,62 @@
+"""The ``shepherd`` command: ``serve``, ``check-config``, ``hash-key``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from proxy import __version__
+from proxy.auth import hash_key
+from proxy.config import ConfigError, load_settings_file
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shepherd", description="OpenAI-compatible LLM gateway")
+    parser.add_argument("--version", action="version", version=f"shepherd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="path to the YAML config")
+    serve.add_argument("--host", help="listen address (default: server.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
+    check = commands.add_parser("check-config", help="validate a config file, print every error")
+    check.add_argument("path")
+    hashing = commands.add_parser("hash-key", help="print the SHA-256 hex of KEY for key_sha256")
+    hashing.add_argument("key")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (1 for an invalid config)."""
+    args = _parser().parse_args(argv)
+    if args.command == "hash-key":
+        print(hash_key(args.key))
+        return 0
+    path = args.path if args.command == "check-config" else args.config
+    try:
+        settings = load_settings_file(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.command == "check-config":
+        print(f"{path}: OK ({len(settings.upstreams)} upstreams, {len(settings.keys)} keys)")
+        return 0
+    return _serve(settings, args)
+
+
+def _serve(settings: object, args: argparse.Namespace) -> int:
+    from proxy.app import serve
+    from proxy.config import Settings
+
+    assert isinstance(settings, Settings)
+    if args.workers is not None and args.workers != 1:
+        print("shepherd: --workers > 1 needs state.backend: redis, which is not available yet "
+              "in this version; each worker would keep its own limits", file=sys.stderr)
+        return 2
+    try:
+        serve(settings, args.host, args.port)
+    except ValueError as exc:
+        print(f"shepherd: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,255 @@
+"""Configuration: YAML with ``${ENV}`` interpolation, validated once into frozen ``Settings``.
+
+The YAML key names of DESIGN §4 "Config" are public. Python attribute names carry units
+(``connect_s``, ``max_body_bytes``); the YAML keys stay short (``connect: 5s``).
+
+Durations accept a number of seconds or a string with a unit: ``250ms``, ``30s``, ``5m``,
+``1h``, ``1d``. Sizes accept a number of bytes or a string: ``512KiB``, ``10MiB``, ``1GiB``,
+``10MB`` (SI, powers of 1000). ``${NAME}`` is replaced by the environment variable NAME (an
+error if unset) and ``${NAME:-default}`` falls back to ``default``; ``$${`` writes a literal
+``${``. Interpolation happens inside string values only, after YAML parsing, so a secret
+holding YAML syntax cannot change the document's structure.
+
+Every error names its key path (``upstreams.mock.timeouts.connect``) and all errors are
+reported together in one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. ``errors`` lists ``(key_path, message)`` pairs, all of them."""
+
+    def __init__(self, errors: list[tuple[str, str]], source: str = "config") -> None:
+        self.errors = errors
+        self.source = source
+        lines = [f"{source}: {len(errors)} error(s)"]
+        lines += [f"  {path or '<root>'}: {message}" for path, message in errors]
+        super().__init__("\n".join(lines))
+
+
+def model_matches(patterns: tuple[str, ...], model: str) -> bool:
+    """Whether ``model`` matches any shell-style pattern (``"*"`` any, ``gpt-4*`` a prefix)."""
+    return any(p == "*" or p == model or fnmatchcase(model, p) for p in patterns)
+
+
+def parse_duration_s(value: object) -> float:
+    """``"30s"`` → 30.0, ``"250ms"`` → 0.25, ``5`` → 5.0 (seconds). Raises ``ValueError``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 250ms or 5m")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION_RE.match(str(value))
+    if match is None:
+        raise ValueError(f"invalid duration {value!r}: expected a number with ms, s, m, h or d")
+    return float(match.group(1)) * _DURATION_UNITS_S[match.group(2)]
+
+
+def parse_size_bytes(value: object) -> int:
+    """``"10MiB"`` → 10485760, ``"1KB"`` → 1000, ``4096`` → 4096 (bytes). Raises ``ValueError``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 10MiB")
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if match is None:
+        raise ValueError(f"invalid size {value!r}: expected bytes or a unit like KiB, MiB, MB")
+    unit = (match.group(2) or "b").lower()
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+DurationS = Annotated[float, BeforeValidator(parse_duration_s), Field(ge=0)]
+PositiveDurationS = Annotated[float, BeforeValidator(parse_duration_s), Field(gt=0)]
+SizeBytes = Annotated[int, BeforeValidator(parse_size_bytes), Field(gt=0)]
+ModelPatterns = Annotated[tuple[str, ...], Field(min_length=1)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class ServerConfig(_Frozen):
+    """``server:`` — the listener and request-level bounds."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    max_body_bytes: SizeBytes = 10 * 2**20
+    sse_keepalive_s: PositiveDurationS = Field(15.0, alias="sse_keepalive")
+    drain_timeout_s: DurationS = Field(30.0, alias="drain_timeout")
+    access_log: bool = True
+
+
+class StateConfig(_Frozen):
+    """``state:`` — where shared state lives (``memory`` for one process, or ``redis``)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+
+class TimeoutsConfig(_Frozen):
+    """``upstreams.<name>.timeouts:`` — no total timeout exists, so long streams are never cut.
+
+    ``connect``: TCP (and TLS) connect. ``first_byte``: from sending the request to the
+    response headers and, for streams, the first event. ``read_gap``: the longest silence
+    between two reads of the response body.
+    """
+
+    connect_s: PositiveDurationS = Field(5.0, alias="connect")
+    first_byte_s: PositiveDurationS = Field(60.0, alias="first_byte")
+    read_gap_s: PositiveDurationS = Field(120.0, alias="read_gap")
+
+
+class UpstreamConfig(_Frozen):
+    """``upstreams.<name>:`` — one OpenAI-compatible deployment."""
+
+    base_url: str
+    api_key: SecretStr | None = None
+    models: ModelPatterns = ("*",)
+    max_connections: int = Field(100, ge=1)
+    keepalive_expiry_s: PositiveDurationS = Field(15.0, alias="keepalive_expiry")
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    organization: str | None = None
+    project: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    inject_stream_usage: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class KeyConfig(_Frozen):
+    """``keys.<name>:`` — one virtual key; exactly one of ``key`` and ``key_sha256``."""
+
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    models: ModelPatterns = ("*",)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("set exactly one of `key` and `key_sha256`")
+        return self
+
+
+class Settings(_Frozen):
+    """The whole validated configuration (frozen)."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
+    keys: dict[str, KeyConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _memory_single_worker(self) -> Settings:
+        if self.server.workers > 1 and self.state.backend == "memory":
+            raise ValueError(
+                "server.workers > 1 needs state.backend: redis — with the memory backend each "
+                "worker would keep its own limits and stream logs, multiplying every limit"
+            )
+        return self
+
+
+def interpolate_env(
+    tree: object, env: Mapping[str, str], path: str = "", errors: list[tuple[str, str]] | None = None
+) -> object:
+    """Return ``tree`` with ``${NAME}`` / ``${NAME:-default}`` replaced in every string.
+
+    Unset variables without a default are appended to ``errors`` as ``(key_path, message)``.
+    """
+    errors = [] if errors is None else errors
+    if isinstance(tree, dict):
+        return {k: interpolate_env(v, env, _join(path, k), errors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [interpolate_env(v, env, _join(path, i), errors) for i, v in enumerate(tree)]
+    if not isinstance(tree, str) or "$" not in tree:
+        return tree
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        errors.append((path, f"environment variable {name} is not set (use ${{{name}:-default}})"))
+        return ""
+
+    return _ENV_RE.sub(substitute, tree)
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _loc_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def load_settings(raw: object, env: Mapping[str, str] | None = None, source: str = "config") -> Settings:
+    """Validate a parsed YAML tree into ``Settings``.
+
+    Raises:
+        ConfigError: listing every problem with its key path.
+    """
+    errors: list[tuple[str, str]] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([("", "the top level must be a mapping")], source)
+    tree = interpolate_env(raw, os.environ if env is None else env, errors=errors)
+    try:
+        settings = Settings.model_validate(tree)
+    except ValidationError as exc:
+        errors += [(_loc_path(e["loc"]), e["msg"]) for e in exc.errors()]
+    if errors:
+        raise ConfigError(errors, source)
+    return settings
+
+
+def load_settings_file(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the YAML file at ``path``.
+
+    Raises:
+        ConfigError: the file is unreadable, not YAML, or invalid (all errors listed).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([("", str(exc))], str(path)) from exc
+    return load_settings(raw, env, source=str(path))

@@ -1,0 +1,412 @@
+"""aiohttp handlers for ``/v1/*``, ``/healthz``, ``/readyz``, ``/metrics``, and the middleware
+that gives every response an ``x-request-id`` and turns every ``GatewayError`` into OpenAI's
+``{"error": {...}}`` shape (DESIGN §4 HTTP endpoints and Wire rules).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.auth import KeyStore, Principal
+from proxy.balancer import Balancer
+from proxy.config import Settings
+from proxy.errors import (
+    GatewayError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    ModelNotFoundError,
+    NotFoundError,
+    RequestTooLargeError,
+)
+from proxy.observability import (
+    Metrics,
+    RequestContext,
+    access_log,
+    error_log,
+    new_request_id,
+    request_context,
+)
+from proxy.relay import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RESPONSES,
+    Endpoint,
+    StreamJob,
+    UnaryResult,
+    open_passthrough,
+    parse_inference,
+    produce_stream,
+    send_unary,
+)
+from proxy.sse import KEEP_ALIVE
+from proxy.streams import StreamLog, StreamRegistry
+from proxy.upstream import Upstream, response_headers
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Status logged for a request whose client went away before the answer ended (nginx's 499).
+CLIENT_CLOSED = 499
+
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+@dataclass(slots=True)
+class Gateway:
+    """Everything the handlers share, stored on the app under ``GATEWAY``.
+
+    Attributes:
+        settings: the validated config.
+        keys: virtual keys.
+        balancer: model → deployment.
+        upstreams: upstream name → its pooled client.
+        streams: live stream logs.
+        metrics: Prometheus collectors.
+        draining: set on shutdown; ``/readyz`` answers 503 from then on.
+    """
+
+    settings: Settings
+    keys: KeyStore
+    balancer: Balancer
+    upstreams: dict[str, Upstream]
+    streams: StreamRegistry = field(default_factory=StreamRegistry)
+    metrics: Metrics = field(default_factory=Metrics)
+    draining: bool = False
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response encoded with orjson."""
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(error: GatewayError) -> web.Response:
+    """The OpenAI-shaped answer for ``error``, with its retry headers."""
+    return json_response(error.to_body(), error.http_status, error.headers())
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[GATEWAY].settings.server.max_body_bytes
+        return RequestTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowedError(f"Method {request.method} is not allowed for {request.path}.")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFoundError(f"Invalid URL ({request.method} {request.path})")
+    return InvalidRequestError(exc.reason or "Bad request.", code=f"http_{exc.status}")
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, request-scoped log context, error shaping, access log and metrics."""
+    ctx = RequestContext(new_request_id())
+    token = request_context.set(ctx)
+    status = 500
+    try:
+        response = await _handle(request, handler)
+        status = response.status
+        if not response.prepared:
+            response.headers["x-request-id"] = ctx.request_id
+        return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        _log_access(request, ctx, status)
+        request_context.reset(token)
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        response = error_response(exc)
+    except web.HTTPException as exc:
+        gateway_error = _from_http_exception(request, exc)
+        response = error_response(gateway_error)
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        error_log.exception("unhandled error")
+        response = error_response(GatewayError("The gateway had an internal error."))
+    return response
+
+
+def _log_access(request: web.Request, ctx: RequestContext, status: int) -> None:
+    gateway = request.app[GATEWAY]
+    elapsed_s = time.perf_counter() - ctx.started_at
+    endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "-"
+    gateway.metrics.requests.labels(endpoint, ctx.key_name or "-", str(status)).inc()
+    if not gateway.settings.server.access_log:
+        return
+    access_log.info("request", extra={
+        "method": request.method, "path": request.path, "status": status,
+        "latency_ms": round(elapsed_s * 1000, 2), "model": ctx.model,
+        "upstream": ctx.upstream, "stream_id": ctx.stream_id,
+    })
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, refusing more than ``server.max_body_bytes``.
+
+    Raises:
+        RequestTooLargeError: declared or actual size over the limit (413), before any
+            upstream is contacted.
+    """
+    limit = request.app[GATEWAY].settings.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestTooLargeError(f"The request body exceeds the limit of {limit} bytes.") from None
+
+
+def authenticate(request: web.Request) -> Principal:
+    """The caller's principal, recorded in the request context. Raises ``AuthenticationError``."""
+    principal = request.app[GATEWAY].keys.authenticate(request.headers)
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx.key_name = principal.name
+    return principal
+
+
+def inference_handler(endpoint: Endpoint) -> Handler:
+    """The handler for one inference endpoint (chat, completions, embeddings, responses)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        gateway = request.app[GATEWAY]
+        principal = authenticate(request)
+        parsed = parse_inference(endpoint, await read_body(request))
+        name = gateway.balancer.route(parsed.model, principal.models)
+        ctx = request_context.get()
+        if ctx is not None:
+            ctx.model, ctx.upstream = parsed.model, name
+        upstream = gateway.upstreams[name]
+        body, injected = parsed.upstream_body(upstream.config.inject_stream_usage)
+        if parsed.stream:
+            job = StreamJob(upstream, parsed, body, injected, list(request.headers.items()),
+                            gateway.streams.create(principal.name))
+            return await serve_stream(request, gateway, job)
+        gateway.balancer.acquire(name)
+        try:
+            result = await send_unary(upstream, "POST", endpoint.path, body, request.headers.items())
+        finally:
+            gateway.balancer.release(name)
+        return unary_response(result)
+
+    return handle
+
+
+def unary_response(result: UnaryResult) -> web.Response:
+    """The client's copy of a whole upstream answer (body byte for byte)."""
+    return web.Response(status=result.status, body=result.body,
+                        headers=response_headers(dict(result.headers)))
+
+
+async def serve_stream(request: web.Request, gateway: Gateway, job: StreamJob) -> web.StreamResponse:
+    """Start the producer, wait for the first event, then copy the log to an SSE response.
+
+    An upstream failure before the first event raises it (a real HTTP status); after it,
+    the log's error event ends the stream. The reader detaches in every case, which today
+    cancels generation if the client left.
+    """
+    log = job.log
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx.stream_id = log.stream_id
+    name = job.upstream.name
+    gateway.balancer.acquire(name)
+    log.producer = asyncio.get_running_loop().create_task(produce_stream(job))
+    log.producer.add_done_callback(lambda _: gateway.balancer.release(name))
+    gateway.metrics.streams_active.inc()
+    try:
+        await log.wait(0)
+        if log.error is not None:
+            raise log.error
+        response = web.StreamResponse(headers={**_SSE_HEADERS, "X-Stream-Id": log.stream_id})
+        if ctx is not None:
+            response.headers["x-request-id"] = ctx.request_id
+        await response.prepare(request)
+        await copy_log(response, log, gateway.settings.server.sse_keepalive_s)
+        return response
+    except (asyncio.CancelledError, ConnectionResetError):
+        gateway.metrics.client_disconnects.inc()
+        raise
+    finally:
+        gateway.metrics.streams_active.dec()
+        gateway.streams.detach(log)
+
+
+async def copy_log(response: web.StreamResponse, log: StreamLog, keepalive_s: float,
+                   after_seq: int = 0) -> None:
+    """Write every frame after ``after_seq`` with its ``id: <stream_id>:<seq>`` line, then the
+    live tail, until the log closes. During silence longer than ``keepalive_s`` the single
+    line ``: keep-alive`` is written, always between complete events (DESIGN §4).
+
+    Each write is awaited (drained) before the next read of the log.
+    """
+    prefix = b"id: " + log.stream_id.encode() + b":"
+    cursor = after_seq
+    while True:
+        frames = log.read(cursor)
+        if frames:
+            out = bytearray()
+            for frame in frames:
+                cursor += 1
+                out += prefix + str(cursor).encode() + b"\n" + frame
+            await response.write(out)
+            continue
+        if log.closed:
+            break
+        try:
+            async with asyncio.timeout(keepalive_s):
+                await log.wait(cursor)
+        except TimeoutError:
+            await response.write(KEEP_ALIVE)
+    await response.write_eof()
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models``: the union of every upstream's list, filtered to what the key may
+    use, plus models named literally in config. Upstreams that fail are left out."""
+    gateway = request.app[GATEWAY]
+    principal = authenticate(request)
+    headers = list(request.headers.items())
+    results = await asyncio.gather(
+        *(send_unary(u, "GET", "/models", None, headers) for u in gateway.upstreams.values()),
+        return_exceptions=True)
+    models: dict[str, Any] = {}
+    for upstream, result in zip(gateway.upstreams.values(), results, strict=True):
+        for model in _model_entries(upstream, result):
+            models.setdefault(model["id"], model)
+    for model_id in gateway.balancer.explicit_models():
+        models.setdefault(model_id, {"id": model_id, "object": "model", "created": 0,
+                                     "owned_by": "shepherd"})
+    data = [m for m_id, m in models.items() if principal.may_use(m_id)]
+    return json_response({"object": "list", "data": data})
+
+
+def _model_entries(upstream: Upstream, result: UnaryResult | BaseException) -> list[dict[str, Any]]:
+    if isinstance(result, BaseException):
+        error_log.warning("model list failed", extra={"upstream": upstream.name,
+                                                      "error": type(result).__name__})
+        return []
+    try:
+        data = orjson.loads(result.body).get("data")
+    except (orjson.JSONDecodeError, AttributeError):
+        return []
+    if not isinstance(data, list):
+        return []
+    patterns = upstream.config.models
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
+            and (patterns == ("*",) or m["id"] in patterns or "*" in patterns)]
+
+
+async def retrieve_model(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models/{id}``; ids may contain ``/`` (sent as ``%2F`` by new SDKs)."""
+    gateway = request.app[GATEWAY]
+    principal = authenticate(request)
+    model_id = request.match_info["model"]
+    name = gateway.balancer.route(model_id, principal.models)
+    path = "/models/" + quote(model_id, safe="/@:")
+    try:
+        result = await send_unary(gateway.upstreams[name], "GET", path, None, request.headers.items())
+    except GatewayError as exc:
+        if exc.http_status == 404:
+            raise ModelNotFoundError(model_id) from None
+        raise
+    return unary_response(result)
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """Any other ``/v1/*`` path: sent byte for byte (multipart keeps its boundary) to the
+    deployment of the body's ``model`` if it is JSON naming one, else the key's first
+    deployment; the answer is streamed back unchanged, still encoded."""
+    gateway = request.app[GATEWAY]
+    principal = authenticate(request)
+    body = await read_body(request)
+    model = _json_model(request, body)
+    name = (gateway.balancer.route(model, principal.models) if model is not None
+            else gateway.balancer.default_for(principal.models))
+    upstream = gateway.upstreams[name]
+    path = request.rel_url.raw_path[len("/v1"):]
+    async with open_passthrough(upstream, request.method, path, request.rel_url.raw_query_string,
+                                request.headers.items(), body or None) as upstream_response:
+        response = web.StreamResponse(
+            status=upstream_response.status,
+            headers=response_headers(upstream_response.headers, keep_encoding=True))
+        ctx = request_context.get()
+        if ctx is not None:
+            response.headers["x-request-id"] = ctx.request_id
+        await response.prepare(request)
+        async for chunk in upstream_response.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+    return response
+
+
+def _json_model(request: web.Request, body: bytes) -> str | None:
+    if not body or request.content_type != "application/json":
+        return None
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    """``GET /healthz``: 200 while the process serves requests."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """``GET /readyz``: 200 with each upstream's in-flight count and pool use; 503 while
+    draining for shutdown."""
+    gateway = request.app[GATEWAY]
+    upstreams = {
+        name: {"in_flight": gateway.balancer.in_flight(name), "pool": u.pool_stats()}
+        for name, u in gateway.upstreams.items()
+    }
+    ready = not gateway.draining
+    return json_response({"status": "ready" if ready else "draining", "upstreams": upstreams},
+                         status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """``GET /metrics``: Prometheus text exposition."""
+    registry = request.app[GATEWAY].metrics.registry
+    return web.Response(body=generate_latest(registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every route of DESIGN §4 "HTTP endpoints"."""
+    for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES):
+        app.router.add_post("/v1" + endpoint.path, inference_handler(endpoint))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/v1/{tail:.*}", passthrough)

@@ -1,0 +1,117 @@
+"""Logs and metrics.
+
+Logs are JSON lines on stderr. A contextvar holds the request id and key name, so every log
+line written while serving a request carries them without passing them around (structlog's
+``contextvars`` habit). Logger names: ``proxy.access`` (one line per request), ``proxy.error``
+(failures), ``proxy`` (lifecycle). Keys never appear in a log line: only key names do.
+
+Metrics are Prometheus collectors in a registry per app, served at ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: The request id and key name of the request being served, or ``None`` outside requests.
+request_context: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "shepherd_request", default=None
+)
+
+access_log = logging.getLogger("proxy.access")
+error_log = logging.getLogger("proxy.error")
+log = logging.getLogger("proxy")
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-request facts for logs: ``request_id`` (``req_…``), then what is learnt on the way."""
+
+    request_id: str
+    key_name: str | None = None
+    model: str | None = None
+    upstream: str | None = None
+    stream_id: str | None = None
+    started_at: float = field(default_factory=time.perf_counter)
+
+
+def new_request_id() -> str:
+    """``req_`` + 24 random hex characters."""
+    return "req_" + secrets.token_hex(12)
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, the request context and ``extra``."""
+
+    _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        ctx = request_context.get()
+        if ctx is not None:
+            out["request_id"] = ctx.request_id
+            if ctx.key_name is not None:
+                out["key"] = ctx.key_name
+        out.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send ``proxy.*`` logs as JSON lines to stderr (idempotent)."""
+    root = logging.getLogger("proxy")
+    if any(getattr(h, "_shepherd", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter())
+    handler._shepherd = True  # type: ignore[attr-defined]  # marks our handler for idempotence
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+class Metrics:
+    """The gateway's Prometheus collectors, in their own registry (one per app).
+
+    Attributes:
+        requests: requests answered, by endpoint, key name and HTTP status.
+        upstream_errors: upstream failures by upstream and kind (connect, timeout, status, stream).
+        streams_active: SSE streams being served now.
+        client_disconnects: streams whose client went away before the end.
+        request_seconds: time from request to last byte, by endpoint.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "shepherd_requests", "Requests answered", ["endpoint", "key", "status"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "shepherd_upstream_errors", "Upstream failures", ["upstream", "kind"],
+            registry=self.registry,
+        )
+        self.streams_active = Gauge(
+            "shepherd_streams_active", "SSE streams being served", registry=self.registry
+        )
+        self.client_disconnects = Counter(
+            "shepherd_client_disconnects", "Streams whose client left before the end",
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "shepherd_request_seconds", "Request duration to last byte", ["endpoint"],
+            registry=self.registry,
+        )

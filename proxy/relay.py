@@ -1,0 +1,420 @@
+"""Runs one request against an upstream: the path of DESIGN §3 after admission.
+
+Unary requests are sent on the upstream's pooled session and answered whole. Streamed
+requests get a ``StreamLog``; a producer task (owned by the app through the registry, not by
+the request handler) reads the upstream's SSE, re-frames each event and appends it, and the
+client writer reads the log by cursor. Usage is metered from the upstream's own ``usage``
+objects; for chat and completion streams ``stream_options.include_usage`` is injected
+upstream when the client did not ask for it, and that extra ``choices: []`` chunk is dropped
+before it reaches the client (DESIGN §4 Wire rules).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.errors import (
+    GatewayError,
+    InvalidRequestError,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+from proxy.sse import DONE, SSEError, SSEParser, encode_event
+from proxy.streams import StreamLog, StreamState
+from proxy.upstream import Upstream
+
+error_log = logging.getLogger("proxy.error")
+
+JSONDict = dict[str, Any]
+
+#: Body fields a client might use to redirect the gateway; never forwarded (DESIGN §4).
+_ROUTING_OVERRIDES = ("api_base", "base_url")
+
+_DONE_FRAME = encode_event(DONE)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An inference endpoint below ``/v1``.
+
+    Attributes:
+        name: the label logs and metrics use (``chat.completions``).
+        path: the path below ``/v1`` (``/chat/completions``).
+        streams: whether ``"stream": true`` is accepted.
+        ends_with_done: whether a complete stream ends with ``data: [DONE]``.
+        usage_option: whether ``stream_options.include_usage`` exists for it.
+    """
+
+    name: str
+    path: str
+    streams: bool = True
+    ends_with_done: bool = True
+    usage_option: bool = True
+
+
+CHAT = Endpoint("chat.completions", "/chat/completions")
+COMPLETIONS = Endpoint("completions", "/completions")
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", streams=False, usage_option=False)
+RESPONSES = Endpoint("responses", "/responses", ends_with_done=False, usage_option=False)
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """A parsed inference body.
+
+    Attributes:
+        endpoint: which endpoint it was sent to.
+        payload: the decoded JSON object.
+        raw: the body bytes as received.
+        model: the ``model`` field.
+        stream: ``True`` only when the body says ``"stream": true`` (never from ``Accept``).
+        client_wants_usage: the client set ``stream_options.include_usage``.
+    """
+
+    endpoint: Endpoint
+    payload: JSONDict
+    raw: bytes
+    model: str
+    stream: bool
+    client_wants_usage: bool
+
+    def upstream_body(self, inject_usage: bool) -> tuple[bytes, bool]:
+        """The body to send upstream and whether usage reporting was injected into it.
+
+        The received bytes go out unchanged unless a routing override must be removed or
+        ``include_usage`` injected (then the JSON is re-encoded).
+        """
+        inject = inject_usage and self.stream and self.endpoint.usage_option and not self.client_wants_usage
+        overrides = [k for k in _ROUTING_OVERRIDES if k in self.payload]
+        if not inject and not overrides:
+            return self.raw, False
+        payload = {k: v for k, v in self.payload.items() if k not in overrides}
+        if inject:
+            options = payload.get("stream_options")
+            payload["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                         "include_usage": True}
+        return orjson.dumps(payload), inject
+
+
+def parse_inference(endpoint: Endpoint, raw: bytes) -> InferenceRequest:
+    """Decode and check an inference body.
+
+    Raises:
+        InvalidRequestError: not a JSON object, no string ``model``, or ``stream`` not a
+            boolean or set on an endpoint that does not stream (400).
+    """
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"We could not parse the JSON body of your request: {exc}",
+                                  code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("you must provide a model parameter", param="model",
+                                  code="missing_required_parameter")
+    stream = payload.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequestError("`stream` must be a boolean.", param="stream", code="invalid_type")
+    if stream and not endpoint.streams:
+        raise InvalidRequestError(f"{endpoint.name} does not support streaming.", param="stream")
+    options = payload.get("stream_options")
+    wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return InferenceRequest(endpoint, payload, raw, model, bool(stream), wants_usage)
+
+
+def _error_object(message: str, error_type: str, param: object = None, code: object = None) -> JSONDict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def normalize_error_body(obj: object) -> JSONDict | None:
+    """Bring an upstream error object into OpenAI's nested shape, or ``None`` if it is none.
+
+    Accepts ``{"error": {...}}`` (filled in), ``{"error": "text"}``, and the old flat vLLM
+    shape ``{"object": "error", "message", "type", "param", "code"}``.
+    """
+    if not isinstance(obj, dict):
+        return None
+    error = obj.get("error")
+    if isinstance(error, dict):
+        return _error_object(str(error.get("message") or "upstream error"),
+                             str(error.get("type") or "upstream_error"),
+                             error.get("param"), error.get("code"))
+    if isinstance(error, str):
+        return _error_object(error, "upstream_error")
+    if obj.get("object") == "error":
+        return _error_object(str(obj.get("message") or "upstream error"),
+                             str(obj.get("type") or "upstream_error"),
+                             obj.get("param"), obj.get("code"))
+    return None
+
+
+def upstream_status_error(upstream: Upstream, status: int, body: bytes,
+                          retry_after: str | None) -> GatewayError:
+    """Map an upstream error response to the error the client gets.
+
+    4xx other than 401/403 and 5xx keep their status and (normalized) body; 401/403 mean the
+    gateway's own upstream credentials are wrong, so the client gets 502 rather than a hint
+    that its key failed; 3xx (redirects are not followed) is a 502. A body that is not JSON
+    is wrapped in the OpenAI shape with a short excerpt.
+    """
+    try:
+        parsed = normalize_error_body(orjson.loads(body)) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if status in (401, 403) or status < 400:
+        what = "redirected" if status < 400 else "rejected the gateway's credentials"
+        return UpstreamError(f"Upstream {upstream.name} {what} (HTTP {status}).",
+                             code=f"upstream_{status}")
+    if parsed is None:
+        excerpt = body[:200].decode("utf-8", "replace").strip()
+        parsed = _error_object(f"Upstream {upstream.name} answered HTTP {status}: {excerpt}",
+                               "upstream_error", None, f"upstream_{status}")
+    return UpstreamStatusError(status, parsed, retry_after_s=_retry_after_s(retry_after))
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def map_client_error(upstream: Upstream, exc: BaseException) -> GatewayError:
+    """Turn an aiohttp / timeout / parse failure into the gateway error the client sees."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeoutError(f"Upstream {upstream.name} timed out.")
+    if isinstance(exc, SSEError):
+        return UpstreamError(f"Upstream {upstream.name} sent an unparsable stream: {exc}")
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        return UpstreamConnectionError(f"Upstream {upstream.name} closed the connection mid-response.")
+    return UpstreamConnectionError(f"Upstream {upstream.name} could not be reached ({type(exc).__name__}).")
+
+
+def error_frame(error: GatewayError) -> bytes:
+    """The SSE event that ends a failed stream: ``data: {"error": {...}}`` (never ``[DONE]``)."""
+    return encode_event(orjson.dumps(error.to_body()))
+
+
+@dataclass(slots=True)
+class UnaryResult:
+    """A whole upstream answer: ``status``, ``headers`` (raw pairs), ``body`` and parsed ``usage``."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    usage: JSONDict | None = None
+
+
+@dataclass(slots=True)
+class Metering:
+    """What a stream reported: the last non-null ``usage`` object seen, or ``None``."""
+
+    usage: JSONDict | None = None
+    events: int = 0
+
+
+async def send_unary(upstream: Upstream, method: str, path: str, body: bytes | None,
+                     headers: Iterable[tuple[str, str]], query_string: str = "") -> UnaryResult:
+    """Send one request and read the whole answer; the pooled connection is always released.
+
+    Raises:
+        GatewayError: connect failure or timeout (502/504), or the upstream's error status.
+        Cancelling is safe: the connection is closed, not returned to the pool half-read.
+    """
+    timeouts = upstream.config.timeouts
+    try:
+        async with asyncio.timeout(timeouts.first_byte_s):
+            response = await upstream.session.request(
+                method, upstream.url(path, query_string), data=body,
+                headers=upstream.request_headers(headers), allow_redirects=False)
+        async with response:
+            data = await response.read()
+    except (aiohttp.ClientError, TimeoutError, SSEError) as exc:
+        raise map_client_error(upstream, exc) from None
+    if response.status >= 300:
+        raise upstream_status_error(upstream, response.status, data,
+                                    response.headers.get("Retry-After"))
+    return UnaryResult(response.status, list(response.headers.items()), data, _usage_of(data))
+
+
+def _usage_of(body: bytes) -> JSONDict | None:
+    if b'"usage"' not in body:
+        return None
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+@asynccontextmanager
+async def open_passthrough(upstream: Upstream, method: str, path: str, query_string: str,
+                           headers: Iterable[tuple[str, str]], body: bytes | None
+                           ) -> AsyncIterator[aiohttp.ClientResponse]:
+    """Send a request byte for byte (encoding negotiated by the client) and yield the
+    response, still encoded, for the caller to stream back. Released on exit.
+
+    Raises:
+        GatewayError: connect failure or first-byte timeout (502/504).
+    """
+    try:
+        async with asyncio.timeout(upstream.config.timeouts.first_byte_s):
+            response = await upstream.session.request(
+                method, upstream.url(path, query_string), data=body, allow_redirects=False,
+                headers=upstream.request_headers(headers, keep_encoding=True),
+                auto_decompress=False)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise map_client_error(upstream, exc) from None
+    async with response:
+        yield response
+
+
+@dataclass(slots=True)
+class StreamJob:
+    """Everything the producer of one stream needs.
+
+    Attributes:
+        upstream: where to send it.
+        request: the parsed request.
+        body: the bytes to send (usage possibly injected).
+        injected_usage: drop the ``choices: []`` usage chunk before it reaches the log.
+        headers: the client's request headers (filtered by ``Upstream.request_headers``).
+        log: the log to fill.
+        metering: receives the usage the upstream reports.
+    """
+
+    upstream: Upstream
+    request: InferenceRequest
+    body: bytes
+    injected_usage: bool
+    headers: list[tuple[str, str]]
+    log: StreamLog
+    metering: Metering = field(default_factory=Metering)
+
+
+async def produce_stream(job: StreamJob) -> None:
+    """Read the upstream stream into ``job.log`` until it ends, fails or is cancelled.
+
+    Every ending closes the log: normally with ``[DONE]`` (chat, completions) or after the
+    upstream's last event (responses); on failure with an error event, or with
+    ``log.error`` set when nothing was sent yet. The connection is closed, not pooled, when
+    the stream did not end cleanly. Cancelling is safe and is how a departed client stops
+    generation.
+    """
+    upstream, log = job.upstream, job.log
+    response: aiohttp.ClientResponse | None = None
+    clean = False
+    try:
+        response = await _open_stream(job)
+        clean = await _pump_events(job, response)
+    except asyncio.CancelledError:
+        log.fail(UpstreamError("The stream was cancelled."), None)
+        raise
+    except (aiohttp.ClientError, TimeoutError, SSEError, GatewayError) as exc:
+        error = map_client_error(upstream, exc)
+        if not isinstance(exc, GatewayError):
+            error_log.warning("upstream stream failed", extra={
+                "upstream": upstream.name, "error": type(exc).__name__, "events": log.last_seq})
+        log.fail(error, error_frame(error))
+    finally:
+        if response is not None:
+            response.release() if clean else response.close()
+
+
+async def _open_stream(job: StreamJob) -> aiohttp.ClientResponse:
+    upstream = job.upstream
+    async with asyncio.timeout(upstream.config.timeouts.first_byte_s):
+        response = await upstream.session.post(
+            upstream.url(job.request.endpoint.path), data=job.body,
+            headers=upstream.request_headers(job.headers), allow_redirects=False)
+    if response.status >= 300:
+        try:
+            body = await response.read()
+        finally:
+            response.release()
+        raise upstream_status_error(upstream, response.status, body,
+                                    response.headers.get("Retry-After"))
+    return response
+
+
+async def _pump_events(job: StreamJob, response: aiohttp.ClientResponse) -> bool:
+    """Copy events until the upstream ends; returns whether it ended cleanly."""
+    log, parser = job.log, SSEParser()
+    deadline = asyncio.timeout(job.upstream.config.timeouts.first_byte_s)
+    async with deadline:
+        async for chunk in response.content.iter_any():
+            for event in parser.feed(chunk):
+                if _handle_event(job, event.data, event.event):
+                    return log.state is StreamState.DONE and await _drain(response)
+            if log.last_seq:
+                deadline.reschedule(None)
+    if job.request.endpoint.ends_with_done:
+        raise UpstreamConnectionError(
+            f"Upstream {job.upstream.name} ended the stream before [DONE].")
+    log.finish()
+    return True
+
+
+async def _drain(response: aiohttp.ClientResponse) -> bool:
+    """Read what follows ``[DONE]`` (the end of the chunked body) so the connection can go
+    back to the pool; returns False if that takes more than a second."""
+    try:
+        async with asyncio.timeout(1.0):
+            await response.content.read()
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+    return True
+
+
+def _handle_event(job: StreamJob, data: bytes, event: bytes | None) -> bool:
+    """Append one upstream event to the log; returns True when the stream is over."""
+    log = job.log
+    if data == DONE:
+        log.finish(_DONE_FRAME)
+        return True
+    obj = _loads_or_none(data)
+    if isinstance(obj, dict):
+        error_body = normalize_error_body(obj) if ("error" in obj or obj.get("object") == "error") else None
+        if error_body is not None and event in (None, b"error"):
+            log.fail(UpstreamError(str(error_body["error"]["message"])),
+                     encode_event(orjson.dumps(error_body)))
+            return True
+        if _meter(job, obj):
+            return False
+    job.metering.events += 1
+    log.append(encode_event(data, event=event))
+    return False
+
+
+def _loads_or_none(data: bytes) -> object:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _meter(job: StreamJob, obj: JSONDict) -> bool:
+    """Record usage from a chunk; returns True if the chunk must be dropped (injected usage)."""
+    usage = obj.get("usage")
+    if usage is None and obj.get("type") == "response.completed":
+        response = obj.get("response")
+        usage = response.get("usage") if isinstance(response, dict) else None
+    if not isinstance(usage, dict):
+        return False
+    job.metering.usage = usage
+    return job.injected_usage and obj.get("choices") == []

@@ -1,0 +1,38 @@
+"""Packaging for Shepherd, the OpenAI-compatible LLM gateway (distribution ``shepherd-gateway``)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="shepherd-gateway",
+    version="0.1.0",
+    description="OpenAI-compatible LLM gateway on aiohttp: keys, limits, pooled upstreams, resumable streams",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["proxy", "proxy.*"]),
+    package_data={"proxy": ["py.typed"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "aiohttp>=3.14.4",  # request-smuggling fixes
+        "aiohttp-retry>=2.9",
+        "uvloop>=0.21",
+        "PyYAML>=6.0.2",
+        "pydantic>=2.9",
+        "orjson>=3.10",
+        "prometheus-client>=0.21",
+        "redis>=5.2",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8.3",
+            "pytest-aiohttp>=1.1",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "openai>=1.60",
+            "httpx>=0.27",
+            "ruff>=0.8",
+            "mypy>=1.13",
+            "types-PyYAML>=6.0",
+        ],
+    },
+    entry_points={"console_scripts": ["shepherd = proxy.cli:main"]},
+)
