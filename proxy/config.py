@@ -235,7 +235,8 @@ def load_settings(raw: object, env: Mapping[str, str] | None = None, source: str
     try:
         settings = Settings.model_validate(tree)
     except ValidationError as exc:
-        errors += [(_loc_path(e["loc"]), e["msg"]) for e in exc.errors()]
+        env_paths = {path for path, _ in errors}  # an unset variable already explains these
+        errors += [(p, e["msg"]) for e in exc.errors() if (p := _loc_path(e["loc"])) not in env_paths]
     if errors:
         raise ConfigError(errors, source)
     return settings

@@ -157,11 +157,18 @@ def _log_access(request: web.Request, ctx: RequestContext, status: int) -> None:
     gateway.metrics.requests.labels(endpoint, ctx.key_name or "-", str(status)).inc()
     if not gateway.settings.server.access_log:
         return
-    access_log.info("request", extra={
+    fields: dict[str, object] = {
         "method": request.method, "path": request.path, "status": status,
-        "latency_ms": round(elapsed_s * 1000, 2), "model": ctx.model,
-        "upstream": ctx.upstream, "stream_id": ctx.stream_id,
-    })
+        "latency_ms": round(elapsed_s * 1000, 2),
+    }
+    for name in ("model", "upstream", "stream_id"):
+        if (value := getattr(ctx, name)) is not None:
+            fields[name] = value
+    if ctx.usage is not None:
+        fields["prompt_tokens"] = ctx.usage.get("prompt_tokens", ctx.usage.get("input_tokens"))
+        fields["completion_tokens"] = ctx.usage.get("completion_tokens",
+                                                    ctx.usage.get("output_tokens"))
+    access_log.info("request", extra=fields)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -211,6 +218,8 @@ def inference_handler(endpoint: Endpoint) -> Handler:
             result = await send_unary(upstream, "POST", endpoint.path, body, request.headers.items())
         finally:
             gateway.balancer.release(name)
+        if ctx is not None:
+            ctx.usage = result.usage
         return unary_response(result)
 
     return handle
@@ -254,6 +263,8 @@ async def serve_stream(request: web.Request, gateway: Gateway, job: StreamJob) -
     finally:
         gateway.metrics.streams_active.dec()
         gateway.streams.detach(log)
+        if ctx is not None:
+            ctx.usage = job.metering.usage
 
 
 async def copy_log(response: web.StreamResponse, log: StreamLog, keepalive_s: float,

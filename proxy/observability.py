@@ -39,6 +39,7 @@ class RequestContext:
     model: str | None = None
     upstream: str | None = None
     stream_id: str | None = None
+    usage: dict[str, object] | None = None
     started_at: float = field(default_factory=time.perf_counter)
 
 
