@@ -44,14 +44,11 @@ def hash_key(key: str) -> str:
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
     """The API key from ``Authorization: Bearer <key>`` or ``x-api-key``, or ``None``."""
-    authorization = headers.get("Authorization")
-    if authorization is not None:
-        scheme, _, credentials = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            return credentials.strip()
-        return None
-    api_key = headers.get("x-api-key")
-    return api_key.strip() or None if api_key is not None else None
+    scheme, _, credentials = headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    api_key = headers.get("x-api-key", "").strip()
+    return api_key or None
 
 
 class KeyStore:

@@ -242,6 +242,15 @@ def load_settings(raw: object, env: Mapping[str, str] | None = None, source: str
     return settings
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what the YAML error is, without quoting the line (it may hold a secret)."""
+    problem = getattr(exc, "problem", None) or "invalid YAML"
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def load_settings_file(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the YAML file at ``path``.
 
@@ -251,6 +260,8 @@ def load_settings_file(path: str | Path, env: Mapping[str, str] | None = None) -
     try:
         text = Path(path).read_text(encoding="utf-8")
         raw = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError([("", str(exc))], str(path)) from exc
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read: {exc.strerror}")], str(path)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([("", _yaml_problem(exc))], str(path)) from None
     return load_settings(raw, env, source=str(path))

@@ -82,9 +82,9 @@ class GatewayError(Exception):
         RFC 9110 §10.2.3), ``retry-after-ms`` and ``x-should-retry``; empty when no hint."""
         out: dict[str, str] = {}
         if self.retry_after_s is not None:
-            delay_s = max(0.0, self.retry_after_s)
-            out["retry-after"] = str(math.ceil(delay_s))
-            out["retry-after-ms"] = str(math.ceil(delay_s * 1000))
+            delay_ms = math.ceil(round(max(0.0, self.retry_after_s) * 1000, 6))
+            out["retry-after"] = str(math.ceil(delay_ms / 1000))
+            out["retry-after-ms"] = str(delay_ms)
         if self.should_retry is not None:
             out["x-should-retry"] = "true" if self.should_retry else "false"
         return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -120,7 +121,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = 500
     try:
         response = await _handle(request, handler)
-        status = response.status
+        status = CLIENT_CLOSED if ctx.client_closed else response.status
         if not response.prepared:
             response.headers["x-request-id"] = ctx.request_id
         return response
@@ -142,7 +143,7 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(gateway_error)
         if isinstance(exc, web.HTTPMethodNotAllowed):
             response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
-    except (ConnectionResetError, asyncio.CancelledError):
+    except asyncio.CancelledError:
         raise
     except Exception:
         error_log.exception("unhandled error")
@@ -255,9 +256,14 @@ async def serve_stream(request: web.Request, gateway: Gateway, job: StreamJob) -
         if ctx is not None:
             response.headers["x-request-id"] = ctx.request_id
         await response.prepare(request)
-        await copy_log(response, log, gateway.settings.server.sse_keepalive_s)
+        try:
+            await copy_log(response, log, gateway.settings.server.sse_keepalive_s)
+        except ConnectionResetError:  # the client left between two writes
+            gateway.metrics.client_disconnects.inc()
+            if ctx is not None:
+                ctx.client_closed = True
         return response
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:  # the client left; handler cancellation is on
         gateway.metrics.client_disconnects.inc()
         raise
     finally:
@@ -369,9 +375,19 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         if ctx is not None:
             response.headers["x-request-id"] = ctx.request_id
         await response.prepare(request)
-        async for chunk in upstream_response.content.iter_any():
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            async for chunk in upstream_response.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            if ctx is not None:
+                ctx.client_closed = True
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are sent; the only honest signal left is a cut connection.
+            error_log.warning("passthrough body failed", extra={"upstream": name,
+                                                                "error": type(exc).__name__})
+            if request.transport is not None:
+                request.transport.abort()
     return response
 
 

@@ -40,6 +40,7 @@ class RequestContext:
     upstream: str | None = None
     stream_id: str | None = None
     usage: dict[str, object] | None = None
+    client_closed: bool = False
     started_at: float = field(default_factory=time.perf_counter)
 
 

@@ -42,6 +42,9 @@ _ROUTING_OVERRIDES = ("api_base", "base_url")
 
 _DONE_FRAME = encode_event(DONE)
 
+#: The retry hint sent with an upstream 429/503 that gave none, in seconds.
+DEFAULT_RETRY_AFTER_S = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -181,12 +184,17 @@ def upstream_status_error(upstream: Upstream, status: int, body: bytes,
         excerpt = body[:200].decode("utf-8", "replace").strip()
         parsed = _error_object(f"Upstream {upstream.name} answered HTTP {status}: {excerpt}",
                                "upstream_error", None, f"upstream_{status}")
-    return UpstreamStatusError(status, parsed, retry_after_s=_retry_after_s(retry_after))
+    retry_after_s = _retry_after_s(retry_after)
+    if retry_after_s is None and status in (429, 503):
+        retry_after_s = DEFAULT_RETRY_AFTER_S  # DESIGN §4: 429 and 503 always carry a hint
+    return UpstreamStatusError(status, parsed, retry_after_s=retry_after_s)
 
 
 def _retry_after_s(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header given in seconds; ``None`` when absent or an
+    HTTP date (RFC 9110 §10.2.3 allows both; upstreams of this API send seconds)."""
     try:
-        return float(value) if value is not None else None
+        return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
 

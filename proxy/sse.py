@@ -72,6 +72,8 @@ class SSEParser:
         Raises:
             SSEError: a line or event exceeds ``max_event_bytes``.
         """
+        if not chunk:
+            return []
         chunk = self._normalize_newlines(chunk)
         if b"\n" not in chunk:
             self._pending += chunk
@@ -108,6 +110,8 @@ class SSEParser:
     def _process_line(self, line: bytes) -> SSEEvent | None:
         if not line:
             return self._dispatch()
+        if len(line) > self._max_event_bytes:
+            raise SSEError(f"SSE line exceeds {self._max_event_bytes} bytes")
         if line[0] == 0x3A:  # ":" starts a comment
             return None
         field, sep, value = line.partition(b":")
@@ -115,6 +119,8 @@ class SSEParser:
             value = value[1:]
         if field == b"data":
             self._data.append(value)
+            if len(self._data) > 1:
+                self._check_size()
         elif field == b"event":
             self._event = value
         elif field == b"id" and b"\x00" not in value:
