@@ -17,7 +17,7 @@ from proxy.auth import KeyStore
 from proxy.balancer import Balancer
 from proxy.config import Settings
 from proxy.http_api import GATEWAY, Gateway, add_routes, gateway_middleware
-from proxy.observability import configure_logging, log
+from proxy.observability import configure_logging, flush_logs_periodically, log
 from proxy.upstream import Upstream
 
 
@@ -37,6 +37,7 @@ def create_app(settings: Settings) -> web.Application:
     balancer = Balancer({name: cfg.models for name, cfg in settings.upstreams.items()})
     app[GATEWAY] = Gateway(settings, KeyStore(settings.keys), balancer, upstreams)
     app.cleanup_ctx.append(_upstream_pools)
+    app.cleanup_ctx.append(_log_flusher)
     app.on_shutdown.append(_on_shutdown)
     add_routes(app)
     return app
@@ -52,6 +53,13 @@ async def _upstream_pools(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
     for upstream in gateway.upstreams.values():
         await upstream.close()
+
+
+async def _log_flusher(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.get_running_loop().create_task(flush_logs_periodically())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _on_shutdown(app: web.Application) -> None:

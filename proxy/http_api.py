@@ -155,7 +155,7 @@ def _log_access(request: web.Request, ctx: RequestContext, status: int) -> None:
     gateway = request.app[GATEWAY]
     elapsed_s = time.perf_counter() - ctx.started_at
     endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "-"
-    gateway.metrics.requests.labels(endpoint, ctx.key_name or "-", str(status)).inc()
+    gateway.metrics.count_request(endpoint, ctx.key_name or "-", status)
     if not gateway.settings.server.access_log:
         return
     fields: dict[str, object] = {
@@ -211,12 +211,12 @@ def inference_handler(endpoint: Endpoint) -> Handler:
         upstream = gateway.upstreams[name]
         body, injected = parsed.upstream_body(upstream.config.inject_stream_usage)
         if parsed.stream:
-            job = StreamJob(upstream, parsed, body, injected, list(request.headers.items()),
+            job = StreamJob(upstream, parsed, body, injected, request.headers,
                             gateway.streams.create(principal.name))
             return await serve_stream(request, gateway, job)
         gateway.balancer.acquire(name)
         try:
-            result = await send_unary(upstream, "POST", endpoint.path, body, request.headers.items())
+            result = await send_unary(upstream, "POST", endpoint.path, body, request.headers)
         finally:
             gateway.balancer.release(name)
         if ctx is not None:
@@ -229,7 +229,7 @@ def inference_handler(endpoint: Endpoint) -> Handler:
 def unary_response(result: UnaryResult) -> web.Response:
     """The client's copy of a whole upstream answer (body byte for byte)."""
     return web.Response(status=result.status, body=result.body,
-                        headers=response_headers(dict(result.headers)))
+                        headers=response_headers(result.headers))
 
 
 async def serve_stream(request: web.Request, gateway: Gateway, job: StreamJob) -> web.StreamResponse:
@@ -307,7 +307,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     use, plus models named literally in config. Upstreams that fail are left out."""
     gateway = request.app[GATEWAY]
     principal = authenticate(request)
-    headers = list(request.headers.items())
+    headers = request.headers
     results = await asyncio.gather(
         *(send_unary(u, "GET", "/models", None, headers) for u in gateway.upstreams.values()),
         return_exceptions=True)
@@ -346,7 +346,7 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
     name = gateway.balancer.route(model_id, principal.models)
     path = "/models/" + quote(model_id, safe="/@:")
     try:
-        result = await send_unary(gateway.upstreams[name], "GET", path, None, request.headers.items())
+        result = await send_unary(gateway.upstreams[name], "GET", path, None, request.headers)
     except GatewayError as exc:
         if exc.http_status == 404:
             raise ModelNotFoundError(model_id) from None
@@ -367,7 +367,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     upstream = gateway.upstreams[name]
     path = request.rel_url.raw_path[len("/v1"):]
     async with open_passthrough(upstream, request.method, path, request.rel_url.raw_query_string,
-                                request.headers.items(), body or None) as upstream_response:
+                                request.headers, body or None) as upstream_response:
         response = web.StreamResponse(
             status=upstream_response.status,
             headers=response_headers(upstream_response.headers, keep_encoding=True))

@@ -10,12 +10,15 @@ Metrics are Prometheus collectors in a registry per app, served at ``GET /metric
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
-import secrets
+import logging.handlers
+import random
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -45,8 +48,8 @@ class RequestContext:
 
 
 def new_request_id() -> str:
-    """``req_`` + 24 random hex characters."""
-    return "req_" + secrets.token_hex(12)
+    """``req_`` + 24 hex characters (96 random bits; unique, not secret, so no syscall)."""
+    return f"req_{random.getrandbits(96):024x}"
 
 
 class JSONFormatter(logging.Formatter):
@@ -72,17 +75,48 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+#: Records buffered before a write; warnings and errors are written at once. The app's
+#: ``flush_logs_periodically`` task writes the buffer every ``LOG_FLUSH_INTERVAL_S``.
+LOG_BUFFER_RECORDS = 256
+LOG_FLUSH_INTERVAL_S = 0.5
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Send ``proxy.*`` logs as JSON lines to stderr (idempotent)."""
+    """Send ``proxy.*`` logs as JSON lines to stderr (idempotent).
+
+    Lines are buffered (``logging.handlers.MemoryHandler``) so a busy gateway makes one
+    write per batch instead of one per request; a line waits at most
+    ``LOG_FLUSH_INTERVAL_S`` while ``flush_logs_periodically`` runs, and WARNING and above
+    flush the buffer at once.
+    """
     root = logging.getLogger("proxy")
-    if any(getattr(h, "_shepherd", False) for h in root.handlers):
+    if any(isinstance(h, _BufferedHandler) for h in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter())
-    handler._shepherd = True  # type: ignore[attr-defined]  # marks our handler for idempotence
-    root.addHandler(handler)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(JSONFormatter())
+    root.addHandler(_BufferedHandler(LOG_BUFFER_RECORDS, logging.WARNING, stream))
     root.setLevel(level)
     root.propagate = False
+
+
+class _BufferedHandler(logging.handlers.MemoryHandler):
+    """The gateway's own buffered handler (a type to find it by)."""
+
+
+def flush_logs() -> None:
+    """Write every buffered log line now."""
+    for handler in logging.getLogger("proxy").handlers:
+        handler.flush()
+
+
+async def flush_logs_periodically(interval_s: float = LOG_FLUSH_INTERVAL_S) -> None:
+    """Flush buffered logs every ``interval_s`` seconds until cancelled (safe to cancel)."""
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            flush_logs()
+    finally:
+        flush_logs()
 
 
 class Metrics:
@@ -113,7 +147,16 @@ class Metrics:
             "shepherd_client_disconnects", "Streams whose client left before the end",
             registry=self.registry,
         )
+        self._request_children: dict[tuple[str, str, str], Any] = {}
         self.request_seconds = Histogram(
             "shepherd_request_seconds", "Request duration to last byte", ["endpoint"],
             registry=self.registry,
         )
+
+    def count_request(self, endpoint: str, key_name: str, status: int) -> None:
+        """``requests{endpoint, key, status} += 1``, reusing the labelled child."""
+        labels = (endpoint, key_name, str(status))
+        child = self._request_children.get(labels)
+        if child is None:
+            child = self._request_children[labels] = self.requests.labels(*labels)
+        child.inc()

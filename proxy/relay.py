@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
+from multidict import CIMultiDictProxy
 
 from proxy.errors import (
     GatewayError,
@@ -31,7 +32,7 @@ from proxy.errors import (
 )
 from proxy.sse import DONE, SSEError, SSEParser, encode_event
 from proxy.streams import StreamLog, StreamState
-from proxy.upstream import Upstream
+from proxy.upstream import Headers, Upstream
 
 error_log = logging.getLogger("proxy.error")
 
@@ -219,10 +220,10 @@ def error_frame(error: GatewayError) -> bytes:
 
 @dataclass(slots=True)
 class UnaryResult:
-    """A whole upstream answer: ``status``, ``headers`` (raw pairs), ``body`` and parsed ``usage``."""
+    """A whole upstream answer: ``status``, ``headers``, ``body`` and parsed ``usage``."""
 
     status: int
-    headers: list[tuple[str, str]]
+    headers: CIMultiDictProxy[str]
     body: bytes
     usage: JSONDict | None = None
 
@@ -236,7 +237,7 @@ class Metering:
 
 
 async def send_unary(upstream: Upstream, method: str, path: str, body: bytes | None,
-                     headers: Iterable[tuple[str, str]], query_string: str = "") -> UnaryResult:
+                     headers: Headers, query_string: str = "") -> UnaryResult:
     """Send one request and read the whole answer; the pooled connection is always released.
 
     Raises:
@@ -256,7 +257,7 @@ async def send_unary(upstream: Upstream, method: str, path: str, body: bytes | N
     if response.status >= 300:
         raise upstream_status_error(upstream, response.status, data,
                                     response.headers.get("Retry-After"))
-    return UnaryResult(response.status, list(response.headers.items()), data, _usage_of(data))
+    return UnaryResult(response.status, response.headers, data, _usage_of(data))
 
 
 def _usage_of(body: bytes) -> JSONDict | None:
@@ -272,7 +273,7 @@ def _usage_of(body: bytes) -> JSONDict | None:
 
 @asynccontextmanager
 async def open_passthrough(upstream: Upstream, method: str, path: str, query_string: str,
-                           headers: Iterable[tuple[str, str]], body: bytes | None
+                           headers: Headers, body: bytes | None
                            ) -> AsyncIterator[aiohttp.ClientResponse]:
     """Send a request byte for byte (encoding negotiated by the client) and yield the
     response, still encoded, for the caller to stream back. Released on exit.
@@ -310,7 +311,7 @@ class StreamJob:
     request: InferenceRequest
     body: bytes
     injected_usage: bool
-    headers: list[tuple[str, str]]
+    headers: Headers
     log: StreamLog
     metering: Metering = field(default_factory=Metering)
 

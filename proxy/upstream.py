@@ -8,10 +8,10 @@ are never followed (a redirect from an upstream is answered to the client as the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import UpstreamConfig
@@ -32,11 +32,16 @@ _DROP_TO_UPSTREAM = HOP_BY_HOP | frozenset({
     "cookie", "last-event-id", "idempotency-key", "x-request-id",
 })
 
+_DROP_JSON_TO_UPSTREAM = _DROP_TO_UPSTREAM | {"accept-encoding"}
+
 #: Upstream response headers not copied to the client: framing is ours, and the upstream's
 #: request id is renamed so that ``x-request-id`` is always the gateway's.
 _DROP_TO_CLIENT = HOP_BY_HOP | frozenset({
     "content-length", "content-encoding", "date", "server", "x-request-id", "set-cookie",
 })
+
+
+Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
 
 def connection_tokens(headers: Mapping[str, str]) -> set[str]:
@@ -127,7 +132,7 @@ class Upstream:
             self._url_cache[path] = url
         return url
 
-    def request_headers(self, client_headers: Iterable[tuple[str, str]], *,
+    def request_headers(self, client_headers: Headers, *,
                         keep_encoding: bool = False) -> CIMultiDict[str]:
         """Headers for the upstream request built from the client's.
 
@@ -136,12 +141,11 @@ class Upstream:
         forwarded only when ``keep_encoding`` (byte-exact passthrough); otherwise the session
         negotiates its own and decompresses.
         """
-        pairs = list(client_headers)
-        drop = _DROP_TO_UPSTREAM | connection_tokens(CIMultiDict(pairs))
-        if not keep_encoding:
-            drop = drop | {"accept-encoding"}
+        drop = _DROP_JSON_TO_UPSTREAM if not keep_encoding else _DROP_TO_UPSTREAM
+        if "Connection" in client_headers:
+            drop = drop | connection_tokens(client_headers)
         out: CIMultiDict[str] = CIMultiDict()
-        for name, value in pairs:
+        for name, value in client_headers.items():
             if name.lower() not in drop:
                 out.add(name, value)
         out.update(self._fixed_headers)
@@ -167,9 +171,9 @@ def response_headers(upstream_headers: Mapping[str, str], *, keep_encoding: bool
     when the body is relayed still encoded); the upstream's ``x-request-id`` becomes
     ``x-upstream-request-id``.
     """
-    drop = _DROP_TO_CLIENT | connection_tokens(upstream_headers)
-    if keep_encoding:
-        drop = drop - {"content-encoding"}
+    drop = _DROP_TO_CLIENT if not keep_encoding else _DROP_TO_CLIENT - {"content-encoding"}
+    if "Connection" in upstream_headers:
+        drop = drop | connection_tokens(upstream_headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers.items():
         lname = name.lower()
