@@ -365,13 +365,15 @@ async def _pump_events(job: StreamJob, response: aiohttp.ClientResponse) -> bool
     """Copy events until the upstream ends; returns whether it ended cleanly."""
     log, parser = job.log, SSEParser()
     deadline = asyncio.timeout(job.upstream.config.timeouts.first_byte_s)
+    waiting_first = True
     async with deadline:
         async for chunk in response.content.iter_any():
             for event in parser.feed(chunk):
                 if _handle_event(job, event.data, event.event):
                     return log.state is StreamState.DONE and await _drain(response)
-            if log.last_seq:
-                deadline.reschedule(None)
+            if waiting_first and log.last_seq:
+                deadline.reschedule(None)  # first byte arrived; read_gap (sock_read) rules now
+                waiting_first = False
     if job.request.endpoint.ends_with_done:
         raise UpstreamConnectionError(
             f"Upstream {job.upstream.name} ended the stream before [DONE].")

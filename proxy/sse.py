@@ -103,6 +103,8 @@ class SSEParser:
         return chunk
 
     def _check_size(self) -> None:
+        if not self._data and len(self._pending) <= self._max_event_bytes:
+            return
         held = len(self._pending) + sum(len(part) for part in self._data)
         if held > self._max_event_bytes:
             raise SSEError(f"SSE event exceeds {self._max_event_bytes} bytes")
