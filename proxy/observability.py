@@ -52,6 +52,19 @@ def new_request_id() -> str:
     return f"req_{random.getrandbits(96):024x}"
 
 
+class RequestContextFilter(logging.Filter):
+    """Stamps ``request_id`` and ``key`` (the key's name) of the current request on each
+    record when it is logged, so buffered records keep them when formatted later."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = request_context.get()
+        if ctx is not None:
+            record.request_id = ctx.request_id
+            if ctx.key_name is not None:
+                record.key = ctx.key_name
+        return True
+
+
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, the request context and ``extra``."""
 
@@ -64,11 +77,8 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        ctx = request_context.get()
-        if ctx is not None:
-            out["request_id"] = ctx.request_id
-            if ctx.key_name is not None:
-                out["key"] = ctx.key_name
+        if not hasattr(record, "request_id"):  # not stamped by RequestContextFilter
+            RequestContextFilter().filter(record)
         out.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
@@ -94,7 +104,9 @@ def configure_logging(level: str = "INFO") -> None:
         return
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(JSONFormatter())
-    root.addHandler(_BufferedHandler(LOG_BUFFER_RECORDS, logging.WARNING, stream))
+    buffered = _BufferedHandler(LOG_BUFFER_RECORDS, logging.WARNING, stream)
+    buffered.addFilter(RequestContextFilter())
+    root.addHandler(buffered)
     root.setLevel(level)
     root.propagate = False
 
