@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -195,9 +196,10 @@ def _retry_after_s(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header given in seconds; ``None`` when absent or an
     HTTP date (RFC 9110 §10.2.3 allows both; upstreams of this API send seconds)."""
     try:
-        return max(0.0, float(value)) if value is not None else None
+        seconds = float(value) if value is not None else math.nan
     except ValueError:
         return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def map_client_error(upstream: Upstream, exc: BaseException) -> GatewayError:

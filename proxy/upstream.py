@@ -8,8 +8,6 @@ are never followed (a redirect from an upstream is answered to the client as the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -44,10 +42,11 @@ _DROP_TO_CLIENT = HOP_BY_HOP | frozenset({
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
 
-def connection_tokens(headers: Mapping[str, str]) -> set[str]:
-    """Header names listed in ``Connection`` (also hop-by-hop, RFC 9110 §7.6.1), lowercased."""
-    value = headers.get("Connection", "")
-    return {token.strip().lower() for token in value.split(",") if token.strip()}
+def connection_tokens(headers: Headers) -> set[str]:
+    """Header names listed in every ``Connection`` line (also hop-by-hop, RFC 9110 §7.6.1;
+    repeated lines form one list, §5.3), lowercased."""
+    return {token.strip().lower() for value in headers.getall("Connection", ())
+            for token in value.split(",") if token.strip()}
 
 
 class Upstream:
@@ -115,7 +114,7 @@ class Upstream:
         connector = self._connector
         if connector is None:
             return {"in_use": 0, "idle": 0}
-        in_use = sum(len(conns) for conns in connector._acquired_per_host.values())
+        in_use = len(connector._acquired)
         idle = sum(len(conns) for conns in connector._conns.values())
         return {"in_use": in_use, "idle": idle}
 
@@ -163,7 +162,7 @@ class Upstream:
         return headers
 
 
-def response_headers(upstream_headers: Mapping[str, str], *, keep_encoding: bool = False
+def response_headers(upstream_headers: Headers, *, keep_encoding: bool = False
                      ) -> CIMultiDict[str]:
     """Upstream response headers fit to send to the client.
 

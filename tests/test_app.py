@@ -1,0 +1,141 @@
+"""proxy/app.py: building the app, its lifetimes, and the operational endpoints it serves."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.app import create_app
+from proxy.config import load_settings
+from proxy.http_api import GATEWAY
+from tests.conftest import CLIENT_KEY, MockUpstream, RunningGateway, StartGateway, base_config, merge
+
+CHAT_BODY = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hello there"}]}
+TIMEOUT_S = 5.0
+
+
+async def wait_for_stat(mock: MockUpstream, name: str, value: int) -> None:
+    """Poll the mock's counters until ``name == value``."""
+    for _ in range(int(TIMEOUT_S / 0.01)):
+        if (await mock.stats())[name] == value:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"mock upstream {name} never reached {value}: {await mock.stats()}")
+
+
+def test_create_app_refuses_redis_backend() -> None:
+    tree = merge(base_config("http://127.0.0.1:9/v1"), {"state": {"backend": "redis"}})
+    settings = load_settings(tree, env={})
+    with pytest.raises(ValueError, match="redis"):
+        create_app(settings)
+
+
+def test_create_app_opens_nothing_before_start() -> None:
+    app = create_app(load_settings(base_config("http://127.0.0.1:9/v1"), env={}))
+    upstream = app[GATEWAY].upstreams["mock"]
+    assert repr(upstream).endswith("[closed]>")
+    with pytest.raises(RuntimeError):
+        _ = upstream.session
+
+
+def requests_total(text: str) -> dict[tuple[str, str, str], float]:
+    out: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "shepherd_requests_total":
+                labels = sample.labels
+                out[labels["endpoint"], labels["key"], labels["status"]] = sample.value
+    return out
+
+
+async def test_metrics_count_requests(http: aiohttp.ClientSession) -> None:
+    async with http.post("/v1/chat/completions", json=CHAT_BODY) as response:
+        assert response.status == 200
+        await response.read()
+    async with http.post("/v1/chat/completions", json={"messages": []}) as response:
+        assert response.status == 400
+    async with http.get("/metrics") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    counts = requests_total(text)
+    assert counts[("/v1/chat/completions", "tester", "200")] == 1.0
+    assert counts[("/v1/chat/completions", "tester", "400")] == 1.0
+    assert "shepherd_streams_active" in text
+
+
+async def test_healthz(http: aiohttp.ClientSession) -> None:
+    async with http.get("/healthz") as response:
+        assert response.status == 200
+        assert await response.json() == {"status": "ok"}
+
+
+async def test_healthz_needs_no_key(gateway: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as session, session.get(gateway.url + "/healthz") as response:
+        assert response.status == 200
+
+
+async def readyz(http: aiohttp.ClientSession) -> dict[str, Any]:
+    async with http.get("/readyz") as response:
+        assert response.status == 200
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+async def test_readyz_lists_upstreams_with_in_flight_and_pool(http: aiohttp.ClientSession) -> None:
+    assert await readyz(http) == {"status": "ready", "upstreams": {
+        "mock": {"in_flight": 0, "pool": {"in_use": 0, "idle": 0}}}}
+    async with http.post("/v1/chat/completions", json=CHAT_BODY) as response:
+        await response.read()
+    assert (await readyz(http))["upstreams"]["mock"] == {
+        "in_flight": 0, "pool": {"in_use": 0, "idle": 1}}
+
+
+async def test_readyz_counts_a_running_stream(http: aiohttp.ClientSession) -> None:
+    body = {**CHAT_BODY, "stream": True}
+    headers = {"x-mock-tokens": "1000", "x-mock-token-delay-ms": "20"}
+    async with asyncio.timeout(TIMEOUT_S), http.post(
+            "/v1/chat/completions", json=body, headers=headers) as response:
+        assert response.status == 200
+        await response.content.readuntil(b"\n\n")  # the stream is running
+        assert (await readyz(http))["upstreams"]["mock"] == {
+            "in_flight": 1, "pool": {"in_use": 1, "idle": 0}}
+
+
+async def test_cleanup_closes_upstream_sessions(start_gateway: StartGateway,
+                                                mock_upstream: MockUpstream) -> None:
+    gw = await start_gateway()
+    upstream = gw.app[GATEWAY].upstreams["mock"]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as session, \
+            session.post(gw.url + "/v1/chat/completions", json=CHAT_BODY) as response:
+        assert response.status == 200
+    session_before = upstream.session
+    assert not session_before.closed
+    await gw.runner.cleanup()
+    assert session_before.closed
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = upstream.session
+    assert upstream.pool_stats() == {"in_use": 0, "idle": 0}
+
+
+async def test_cleanup_cancels_running_streams(start_gateway: StartGateway,
+                                               mock_upstream: MockUpstream) -> None:
+    gw = await start_gateway(server={"drain_timeout": "0.2s"})
+    streams = gw.app[GATEWAY].streams
+    body = {**CHAT_BODY, "stream": True}
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "x-mock-tokens": "1000",
+               "x-mock-token-delay-ms": "20"}
+    async with aiohttp.ClientSession(headers=headers) as session, \
+            session.post(gw.url + "/v1/chat/completions", json=body) as response:
+        assert response.status == 200
+        await response.content.readuntil(b"\n\n")
+        assert len(streams) == 1
+        async with asyncio.timeout(TIMEOUT_S):
+            await gw.runner.cleanup()
+    assert len(streams) == 0
+    await wait_for_stat(mock_upstream, "open_streams", 0)
+    assert (await mock_upstream.stats())["streams_cancelled"] == 1
