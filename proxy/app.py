@@ -17,30 +17,53 @@ from proxy.auth import KeyStore
 from proxy.balancer import Balancer
 from proxy.config import Settings
 from proxy.http_api import GATEWAY, Gateway, add_routes, gateway_middleware
-from proxy.observability import configure_logging, flush_logs_periodically, log
+from proxy.limits import DemandBuilder, Limiter, MemoryLimitStore
+from proxy.limits_redis import RedisLimitStore
+from proxy.observability import Metrics, configure_logging, flush_logs_periodically, log
 from proxy.upstream import Upstream
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway application for ``settings``; nothing is opened until it starts.
 
-    Raises:
-        ValueError: the settings ask for a feature this build does not have yet
-            (``state.backend: redis``).
+    With ``state.backend: redis`` nothing connects to Redis until the first limited request;
+    an unreachable Redis is handled then (fallback or 503), never at start-up.
     """
-    if settings.state.backend != "memory":
-        raise ValueError("state.backend: redis is not available yet in this version; "
-                         "use state.backend: memory (one process)")
     app = web.Application(middlewares=[gateway_middleware],
                           client_max_size=settings.server.max_body_bytes)
     upstreams = {name: Upstream(name, cfg) for name, cfg in settings.upstreams.items()}
     balancer = Balancer({name: cfg.models for name, cfg in settings.upstreams.items()})
-    app[GATEWAY] = Gateway(settings, KeyStore(settings.keys), balancer, upstreams)
+    metrics = Metrics()
+    app[GATEWAY] = Gateway(settings, KeyStore(settings.keys), balancer, upstreams,
+                           build_limiter(settings, metrics), DemandBuilder(settings), metrics=metrics)
+    app.cleanup_ctx.append(_limiter)
     app.cleanup_ctx.append(_upstream_pools)
     app.cleanup_ctx.append(_log_flusher)
     app.on_shutdown.append(_on_shutdown)
     add_routes(app)
     return app
+
+
+def build_limiter(settings: Settings, metrics: Metrics) -> Limiter:
+    """The limiter for ``state.backend``: memory, or Redis with a per-process fallback."""
+    state, ttl_s = settings.state, settings.limits.lease_ttl_s
+    if state.backend == "memory":
+        return Limiter(MemoryLimitStore(ttl_s))
+    store = RedisLimitStore(state.redis_url.get_secret_value(), state.key_prefix,
+                            state.redis_timeout_s, ttl_s)
+    return Limiter(store, MemoryLimitStore(ttl_s), state.on_redis_error,
+                   on_fallback=metrics.limit_store_fallbacks.inc)
+
+
+async def _limiter(app: web.Application) -> AsyncIterator[None]:
+    """Refresh live concurrency leases every third of their TTL; close the store at exit."""
+    gateway = app[GATEWAY]
+    refresher = asyncio.get_running_loop().create_task(
+        gateway.limiter.refresh_forever(gateway.settings.limits.lease_ttl_s / 3))
+    yield
+    refresher.cancel()
+    await asyncio.gather(refresher, return_exceptions=True)
+    await gateway.limiter.close()
 
 
 async def _upstream_pools(app: web.Application) -> AsyncIterator[None]:

@@ -107,10 +107,85 @@ class ServerConfig(_Frozen):
 
 
 class StateConfig(_Frozen):
-    """``state:`` — where shared state lives (``memory`` for one process, or ``redis``)."""
+    """``state:`` — where shared state lives (``memory`` for one process, or ``redis``).
+
+    ``redis_timeout``: the longest a limit check waits for Redis before the gateway falls
+    back to per-process limits (``on_redis_error: open``, the default) or answers 503
+    (``closed``). ``key_prefix`` starts every Redis key the gateway writes.
+    """
 
     backend: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_timeout_s: PositiveDurationS = Field(0.05, alias="redis_timeout")
+    on_redis_error: Literal["open", "closed"] = "open"
+    key_prefix: str = "shepherd:"
+
+
+class LimitsConfig(_Frozen):
+    """``limits:`` — gateway-wide limit settings.
+
+    ``default_reserve_tokens``: completion tokens reserved against TPM and budgets when a
+    request sets no ``max_tokens``. ``lease_ttl``: how long a concurrency lease outlives a
+    process that died holding it (live leases are refreshed every third of it).
+    """
+
+    default_reserve_tokens: int = Field(1024, ge=0)
+    lease_ttl_s: PositiveDurationS = Field(60.0, alias="lease_ttl")
+
+
+class RateLimits(_Frozen):
+    """Limits of one scope: a key, or one model of a key (``keys.<name>.per_model.<model>``).
+
+    ``rpm``: requests per minute (GCRA); ``burst``: requests that may arrive at once
+    (default: 10 seconds' worth of ``rpm``, at least 1); ``tpm``: tokens per minute (token
+    bucket holding one minute's worth); ``max_concurrent``: requests in flight. ``None`` is
+    unlimited.
+    """
+
+    rpm: int | None = Field(None, ge=1)
+    burst: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+
+    @property
+    def effective_burst(self) -> int | None:
+        """``burst``, or 10 seconds' worth of ``rpm`` (at least 1); ``None`` without ``rpm``."""
+        if self.rpm is None:
+            return None
+        return self.burst if self.burst is not None else max(1, self.rpm // 6)
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit is set."""
+        return any(v is not None for v in (self.rpm, self.tpm, self.max_concurrent))
+
+
+class BudgetConfig(_Frozen):
+    """``keys.<name>.budget:`` — spend allowed per ``period`` (fixed windows from the Unix
+    epoch, so ``1d`` is a UTC day): ``tokens`` and/or ``usd``."""
+
+    tokens: int | None = Field(None, ge=1)
+    usd: float | None = Field(None, gt=0)
+    period_s: PositiveDurationS = Field(86400.0, alias="period")
+
+    @model_validator(mode="after")
+    def _something(self) -> BudgetConfig:
+        if self.tokens is None and self.usd is None:
+            raise ValueError("set `tokens`, `usd` or both")
+        return self
+
+
+class PriceConfig(_Frozen):
+    """``models.<id>.price:`` — USD per million input and output tokens."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class ModelConfig(_Frozen):
+    """``models.<id>:`` — per-model settings."""
+
+    price: PriceConfig | None = None
 
 
 class TimeoutsConfig(_Frozen):
@@ -148,15 +223,15 @@ class UpstreamConfig(_Frozen):
         return value.rstrip("/")
 
 
-class KeyConfig(_Frozen):
-    """``keys.<name>:`` — one virtual key; exactly one of ``key`` and ``key_sha256``."""
+class KeyConfig(RateLimits):
+    """``keys.<name>:`` — one virtual key; exactly one of ``key`` and ``key_sha256``, its
+    models, its limits (``RateLimits``), optional per-model limits and a budget."""
 
     key: SecretStr | None = None
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     models: ModelPatterns = ("*",)
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
+    per_model: dict[str, RateLimits] = Field(default_factory=dict)
+    budget: BudgetConfig | None = None
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:
@@ -170,8 +245,10 @@ class Settings(_Frozen):
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     keys: dict[str, KeyConfig] = Field(min_length=1)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _memory_single_worker(self) -> Settings:

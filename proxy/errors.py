@@ -9,7 +9,7 @@ Class tree (the HTTP status each answers with)::
     ├── NotFoundError (404)
     │   └── ModelNotFoundError (404 model_not_found)
     ├── MethodNotAllowedError (405)
-    ├── RateLimitError (429 rate_limit_exceeded)
+    ├── RateLimitError (429 requests | tokens | insufficient_quota)
     ├── OverloadedError (503 overloaded)
     └── UpstreamError (502 upstream_error)
         ├── UpstreamConnectionError (502)
@@ -39,6 +39,9 @@ class GatewayError(Exception):
         retry_after_s: seconds the client should wait before retrying, or ``None`` for no hint.
         should_retry: ``True``/``False`` sends ``x-should-retry``; ``None`` sends nothing and
             leaves the decision to the client's defaults.
+        error_type: the OpenAI ``type``; ``None`` uses the class default.
+
+    ``extra_headers`` (initially empty) are sent with the error too (``x-ratelimit-*``).
     """
 
     status: ClassVar[int] = 500
@@ -53,13 +56,16 @@ class GatewayError(Exception):
         code: str | None = None,
         retry_after_s: float | None = None,
         should_retry: bool | None = None,
+        error_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
+        self.type = error_type if error_type is not None else self.error_type
         self.retry_after_s = retry_after_s
         self.should_retry = should_retry
+        self.extra_headers: dict[str, str] = {}
 
     @property
     def http_status(self) -> int:
@@ -71,17 +77,18 @@ class GatewayError(Exception):
         return {
             "error": {
                 "message": self.message,
-                "type": self.error_type,
+                "type": self.type,
                 "param": self.param,
                 "code": self.code,
             }
         }
 
     def headers(self) -> dict[str, str]:
-        """Retry headers for this error: ``retry-after`` (whole seconds, rounded up,
-        RFC 9110 §10.2.3), ``retry-after-ms`` and ``x-should-retry``; empty when no hint."""
-        out: dict[str, str] = {}
-        if self.retry_after_s is not None:
+        """Headers for this error: ``extra_headers``, then the retry hints ``retry-after``
+        (whole seconds, rounded up, RFC 9110 §10.2.3), ``retry-after-ms`` and
+        ``x-should-retry``."""
+        out: dict[str, str] = dict(self.extra_headers)
+        if self.retry_after_s is not None and math.isfinite(self.retry_after_s):
             delay_ms = math.ceil(round(max(0.0, self.retry_after_s) * 1000, 6))
             out["retry-after"] = str(math.ceil(delay_ms / 1000))
             out["retry-after-ms"] = str(delay_ms)
@@ -144,10 +151,12 @@ class MethodNotAllowedError(GatewayError):
 
 
 class RateLimitError(GatewayError):
-    """A per-key limit is reached (429); ``retry_after_s`` says when it frees up."""
+    """A per-key limit or budget is reached (429); ``retry_after_s`` says when it frees up.
+    ``type`` is ``requests`` or ``tokens`` (``insufficient_quota`` for a spent budget), as
+    OpenAI sends."""
 
     status = 429
-    error_type = "rate_limit_exceeded"
+    error_type = "requests"
     default_code = "rate_limit_exceeded"
 
 

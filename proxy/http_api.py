@@ -26,7 +26,16 @@ from proxy.errors import (
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
+    RateLimitError,
     RequestTooLargeError,
+)
+from proxy.limits import (
+    DemandBuilder,
+    Lease,
+    Limiter,
+    completion_reserve,
+    estimate_prompt_tokens,
+    usage_counts,
 )
 from proxy.observability import (
     Metrics,
@@ -42,6 +51,7 @@ from proxy.relay import (
     EMBEDDINGS,
     RESPONSES,
     Endpoint,
+    InferenceRequest,
     StreamJob,
     UnaryResult,
     open_passthrough,
@@ -51,7 +61,7 @@ from proxy.relay import (
 )
 from proxy.sse import KEEP_ALIVE
 from proxy.streams import StreamLog, StreamRegistry
-from proxy.upstream import Upstream, response_headers
+from proxy.upstream import Headers, Upstream, response_headers
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -74,6 +84,8 @@ class Gateway:
         keys: virtual keys.
         balancer: model → deployment.
         upstreams: upstream name → its pooled client.
+        limiter: per-key limits (memory or Redis).
+        demands: builds each request's limit demand from config.
         streams: live stream logs.
         metrics: Prometheus collectors.
         draining: set on shutdown; ``/readyz`` answers 503 from then on.
@@ -83,6 +95,8 @@ class Gateway:
     keys: KeyStore
     balancer: Balancer
     upstreams: dict[str, Upstream]
+    limiter: Limiter
+    demands: DemandBuilder
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
@@ -198,32 +212,97 @@ def authenticate(request: web.Request) -> Principal:
 
 
 def inference_handler(endpoint: Endpoint) -> Handler:
-    """The handler for one inference endpoint (chat, completions, embeddings, responses)."""
+    """The handler for one inference endpoint (chat, completions, embeddings, responses):
+    DESIGN §3 — authenticate, parse, route, admit against the key's limits, relay, settle."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         gateway = request.app[GATEWAY]
         principal = authenticate(request)
-        parsed = parse_inference(endpoint, await read_body(request))
+        raw = await read_body(request)
+        parsed = parse_inference(endpoint, raw)
         name = gateway.balancer.route(parsed.model, principal.models)
         ctx = request_context.get()
         if ctx is not None:
             ctx.model, ctx.upstream = parsed.model, name
-        upstream = gateway.upstreams[name]
-        body, injected = parsed.upstream_body(upstream.config.inject_stream_usage)
-        if parsed.stream:
-            job = StreamJob(upstream, parsed, body, injected, request.headers,
-                            gateway.streams.create(principal.name))
-            return await serve_stream(request, gateway, job)
-        gateway.balancer.acquire(name)
+        charge = Charge(estimate_prompt_tokens(len(raw)), completion_reserve(
+            parsed.payload, gateway.settings.limits.default_reserve_tokens, endpoint.streams))
         try:
-            result = await send_unary(upstream, "POST", endpoint.path, body, request.headers)
-        finally:
-            gateway.balancer.release(name)
-        if ctx is not None:
-            ctx.usage = result.usage
-        return unary_response(result)
+            charge.lease = await gateway.limiter.acquire(gateway.demands.demand(
+                principal.name, parsed.model, charge.prompt_estimate, charge.completion_reserve))
+        except RateLimitError as exc:
+            gateway.metrics.rate_limited.labels(principal.name, exc.code or "-").inc()
+            raise
+        try:
+            upstream = gateway.upstreams[name]
+            body, injected = parsed.upstream_body(upstream.config.inject_stream_usage)
+            if parsed.stream:
+                job = StreamJob(upstream, parsed, body, injected, request.headers,
+                                gateway.streams.create(principal.name))
+                return await serve_stream(request, gateway, job, charge)
+            return await serve_unary(gateway, upstream, parsed, body, request.headers, charge)
+        except GatewayError as exc:
+            exc.extra_headers.update(charge.headers)
+            raise
 
     return handle
+
+
+@dataclass(slots=True)
+class Charge:
+    """What a request reserved and how it is settled.
+
+    Attributes:
+        prompt_estimate: prompt tokens estimated from the body size.
+        completion_reserve: completion tokens reserved (``max_tokens`` times ``n`` or the default).
+        lease: the limiter's lease, or ``None`` for an unlimited key.
+    """
+
+    prompt_estimate: int
+    completion_reserve: int
+    lease: Lease | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The ``x-ratelimit-*`` headers every response to a limited key carries."""
+        return self.lease.headers if self.lease is not None else {}
+
+
+async def settle(gateway: Gateway, charge: Charge, model: str, counts: tuple[int, int] | None) -> None:
+    """Settle ``charge`` with ``(prompt, completion)`` tokens used; ``None`` charges the
+    whole reservation (the request ended without the gateway learning what it used)."""
+    lease = charge.lease
+    if lease is None:
+        return
+    if counts is None:
+        tokens, usd = lease.demand.tokens, lease.demand.usd
+    else:
+        tokens = counts[0] + counts[1]
+        budget = lease.demand.budget
+        usd = gateway.demands.cost_usd(model, *counts) if budget and budget.usd else 0.0
+    await gateway.limiter.settle(lease, tokens, usd)
+
+
+async def serve_unary(gateway: Gateway, upstream: Upstream, parsed: InferenceRequest, body: bytes,
+                      headers: Headers, charge: Charge) -> web.StreamResponse:
+    """Relay a whole answer; settle with the upstream's usage (nothing after an upstream
+    error, the whole reservation if the client left mid-request)."""
+    gateway.balancer.acquire(upstream.name)
+    counts: tuple[int, int] | None = None
+    try:
+        result = await send_unary(upstream, "POST", parsed.endpoint.path, body, headers)
+        counts = usage_counts(result.usage)
+    except GatewayError:
+        counts = (0, 0)
+        raise
+    finally:
+        gateway.balancer.release(upstream.name)
+        await settle(gateway, charge, parsed.model, counts)
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx.usage = result.usage
+    response = unary_response(result)
+    response.headers.update(charge.headers)
+    return response
 
 
 def unary_response(result: UnaryResult) -> web.Response:
@@ -232,7 +311,22 @@ def unary_response(result: UnaryResult) -> web.Response:
                         headers=response_headers(result.headers))
 
 
-async def serve_stream(request: web.Request, gateway: Gateway, job: StreamJob) -> web.StreamResponse:
+async def produce_and_settle(gateway: Gateway, job: StreamJob, charge: Charge) -> None:
+    """Run the stream's producer, then free its deployment slot and settle its charge: the
+    upstream's usage, else the prompt estimate plus one token per event generated, else
+    nothing if the stream failed before its first event."""
+    try:
+        await produce_stream(job)
+    finally:
+        gateway.balancer.release(job.upstream.name)
+        counts = usage_counts(job.metering.usage)
+        if counts is None:
+            counts = (charge.prompt_estimate, job.metering.events) if job.log.frames else (0, 0)
+        await settle(gateway, charge, job.request.model, counts)
+
+
+async def serve_stream(request: web.Request, gateway: Gateway, job: StreamJob,
+                       charge: Charge) -> web.StreamResponse:
     """Start the producer, wait for the first event, then copy the log to an SSE response.
 
     An upstream failure before the first event raises it (a real HTTP status); after it,
@@ -243,16 +337,15 @@ async def serve_stream(request: web.Request, gateway: Gateway, job: StreamJob) -
     ctx = request_context.get()
     if ctx is not None:
         ctx.stream_id = log.stream_id
-    name = job.upstream.name
-    gateway.balancer.acquire(name)
-    log.producer = asyncio.get_running_loop().create_task(produce_stream(job))
-    log.producer.add_done_callback(lambda _: gateway.balancer.release(name))
+    gateway.balancer.acquire(job.upstream.name)
+    log.producer = asyncio.get_running_loop().create_task(produce_and_settle(gateway, job, charge))
     gateway.metrics.streams_active.inc()
     try:
         await log.wait(0)
         if log.error is not None:
             raise log.error
-        response = web.StreamResponse(headers={**_SSE_HEADERS, "X-Stream-Id": log.stream_id})
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **charge.headers,
+                                               "X-Stream-Id": log.stream_id})
         if ctx is not None:
             response.headers["x-request-id"] = ctx.request_id
         await response.prepare(request)

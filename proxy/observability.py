@@ -159,6 +159,14 @@ class Metrics:
             "shepherd_client_disconnects", "Streams whose client left before the end",
             registry=self.registry,
         )
+        self.limit_store_fallbacks = Counter(
+            "shepherd_limit_store_fallbacks", "Limit checks answered by per-process limits "
+            "because Redis was unavailable", registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "shepherd_rate_limited", "Requests refused by a key's limits", ["key", "reason"],
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self.request_seconds = Histogram(
             "shepherd_request_seconds", "Request duration to last byte", ["endpoint"],

@@ -27,11 +27,12 @@ async def wait_for_stat(mock: MockUpstream, name: str, value: int) -> None:
     pytest.fail(f"mock upstream {name} never reached {value}: {await mock.stats()}")
 
 
-def test_create_app_refuses_redis_backend() -> None:
-    tree = merge(base_config("http://127.0.0.1:9/v1"), {"state": {"backend": "redis"}})
-    settings = load_settings(tree, env={})
-    with pytest.raises(ValueError, match="redis"):
-        create_app(settings)
+def test_create_app_with_redis_backend_connects_lazily() -> None:
+    # Nothing listens on port 9: building the app must not try to reach Redis.
+    tree = merge(base_config("http://127.0.0.1:9/v1"),
+                 {"state": {"backend": "redis", "redis_url": "redis://127.0.0.1:9/0"}})
+    app = create_app(load_settings(tree, env={}))
+    assert app[GATEWAY].limiter.store.name == "redis"
 
 
 def test_create_app_opens_nothing_before_start() -> None:

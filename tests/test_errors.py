@@ -30,7 +30,7 @@ from proxy.errors import (
         (AuthenticationError, 401, "invalid_request_error", "invalid_api_key"),
         (NotFoundError, 404, "invalid_request_error", "not_found"),
         (MethodNotAllowedError, 405, "invalid_request_error", "method_not_allowed"),
-        (RateLimitError, 429, "rate_limit_exceeded", "rate_limit_exceeded"),
+        (RateLimitError, 429, "requests", "rate_limit_exceeded"),
         (OverloadedError, 503, "server_error", "overloaded"),
         (UpstreamError, 502, "upstream_error", "upstream_error"),
         (UpstreamConnectionError, 502, "upstream_error", "upstream_connection_error"),

@@ -1,0 +1,308 @@
+"""Limit state in Redis, shared by every worker and machine (``state.backend: redis``).
+
+The rules of ``proxy.limits`` run inside one Lua script, so a check and its charge are one
+atomic step across all processes. The script reads the clock with ``TIME`` (one clock for
+every gateway, whatever their skew), and sets a TTL on every key it writes, in the same
+step. It is loaded once and called with EVALSHA (redis-py's ``Script`` reloads it on
+NOSCRIPT).
+
+Calls are micro-batched: the operations issued during one event-loop iteration go to Redis
+in one EVALSHA, each still applied atomically and in order. Under load this turns hundreds
+of round trips into a handful without delaying a lone request (the batch is sent on the next
+loop iteration, not after a timer).
+
+Keys (``state.key_prefix`` first, default ``shepherd:``): ``<scope>:tat`` (GCRA),
+``<scope>:tb`` (token bucket), ``<scope>:leases`` (sorted set of lease ids by expiry),
+``budget:<key>:<window>``. Standalone Redis or Sentinel; keys are not hash-tagged for Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import redis.asyncio as redis_asyncio
+from redis.exceptions import RedisError
+
+from proxy.limits import CONCURRENCY_RETRY_S, Demand, ScopeReport, StoreUnavailable, Verdict
+
+#: The most operations sent in one EVALSHA.
+MAX_BATCH = 256
+
+LUA = r"""
+local prefix = ARGV[1]
+local lease_ttl = tonumber(ARGV[2])
+local ops = cjson.decode(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function fmt(x) return string.format('%.3f', x) end
+
+local function level_of(key, cap, rate)
+  local v = redis.call('HMGET', key, 'v', 't')
+  if not v[1] then return cap end
+  return math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)
+end
+
+local function store_level(key, level, cap, rate)
+  redis.call('HSET', key, 'v', fmt(level), 't', now)
+  redis.call('PEXPIRE', key, math.ceil((cap - level) / rate) + 1000)
+end
+
+local function budget_key(b, window) return prefix .. 'budget:' .. b[1] .. ':' .. window end
+
+local function refuse(res, reason, retry)
+  local rank = {budget = 3, tokens_too_large = 2}
+  local new, old = rank[reason] or 1, rank[res.reason] or 1
+  if res.ok == 1 or new > old then
+    res.reason, res.retry = reason, retry
+  elseif new == 1 and old == 1 then
+    res.retry = math.max(res.retry, retry)
+  end
+  res.ok = 0
+end
+
+local function check_scope(sc, op, res, commits)
+  local sid, emission, burst, tpm, maxc = sc[1], sc[2], sc[3], sc[4], sc[5]
+  local rep = {sid, -1, -1, -1, -1, -1, -1}
+  if emission > 0 then
+    local key = prefix .. sid .. ':tat'
+    local tat = tonumber(redis.call('GET', key) or '0')
+    local base = math.max(tat, now)
+    local new_tat = base + emission
+    local tol = burst * emission
+    rep[2] = math.floor(60000 / emission + 0.5)
+    if new_tat - now > tol + 0.000001 then
+      rep[3], rep[4] = 0, math.max(0, base - now)
+      refuse(res, 'requests', new_tat - now - tol)
+    else
+      rep[3] = math.floor((tol - (new_tat - now)) / emission + 0.000001)
+      rep[4] = new_tat - now
+      table.insert(commits, function()
+        redis.call('SET', key, fmt(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+      end)
+    end
+  end
+  if tpm > 0 then
+    local key = prefix .. sid .. ':tb'
+    local rate = tpm / 60000
+    local level = level_of(key, tpm, rate)
+    local after = level - op.tok
+    local shown = after
+    if after < 0 then shown = level end
+    rep[5], rep[6], rep[7] = tpm, math.max(0, math.floor(shown)), (tpm - shown) / rate
+    if op.tok > tpm then
+      refuse(res, 'tokens_too_large', -1)
+    elseif after < 0 then
+      refuse(res, 'tokens', -after / rate)
+    else
+      table.insert(commits, function() store_level(key, after, tpm, rate) end)
+    end
+  end
+  if maxc > 0 then
+    local key = prefix .. sid .. ':leases'
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZCARD', key) >= maxc then
+      refuse(res, 'concurrency', -2)
+    else
+      table.insert(commits, function()
+        redis.call('ZADD', key, now + lease_ttl, op.id)
+        redis.call('PEXPIRE', key, 2 * lease_ttl)
+      end)
+    end
+  end
+  table.insert(res.reports, rep)
+end
+
+local function check_budget(op, res, commits)
+  local b = op.b
+  local period = b[4]
+  local window = math.floor(now / period)
+  local key = budget_key(b, window)
+  local spent = redis.call('HMGET', key, 'tok', 'usd')
+  local tok, usd = tonumber(spent[1] or '0'), tonumber(spent[2] or '0')
+  res.window = window
+  if (b[2] >= 0 and tok + op.tok > b[2]) or (b[3] >= 0 and usd + op.usd > b[3] + 1e-12) then
+    refuse(res, 'budget', -1)
+    return
+  end
+  table.insert(commits, function()
+    redis.call('HINCRBY', key, 'tok', op.tok)
+    redis.call('HINCRBYFLOAT', key, 'usd', string.format('%.12f', op.usd))
+    redis.call('PEXPIREAT', key, (window + 2) * period)
+  end)
+end
+
+local function acquire(op)
+  local res = {ok = 1, reason = '', retry = 0, reports = {}, window = -1}
+  local commits = {}
+  for _, sc in ipairs(op.s) do check_scope(sc, op, res, commits) end
+  if op.b[4] > 0 then check_budget(op, res, commits) end
+  if res.ok == 1 then
+    for _, commit in ipairs(commits) do commit() end
+  end
+  return {res.ok, res.reason, res.retry, res.reports, res.window}
+end
+
+local function settle(op)
+  local delta = op.act - op.tok
+  for _, sc in ipairs(op.s) do
+    local sid, tpm, maxc = sc[1], sc[4], sc[5]
+    if tpm > 0 then
+      local key = prefix .. sid .. ':tb'
+      local rate = tpm / 60000
+      store_level(key, math.min(tpm, level_of(key, tpm, rate) - delta), tpm, rate)
+    end
+    if maxc > 0 then redis.call('ZREM', prefix .. sid .. ':leases', op.id) end
+  end
+  if op.b[4] > 0 and op.w >= 0 then
+    local key = budget_key(op.b, op.w)
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HINCRBY', key, 'tok', delta)
+      redis.call('HINCRBYFLOAT', key, 'usd', string.format('%.12f', op.ausd - op.usd))
+    end
+  end
+  return {1}
+end
+
+local function refresh(op)
+  for _, sc in ipairs(op.s) do
+    if sc[5] > 0 then redis.call('ZADD', prefix .. sc[1] .. ':leases', 'XX', now + lease_ttl, op.id) end
+  end
+  return {1}
+end
+
+local out = {}
+for i, op in ipairs(ops) do
+  if op.t == 'a' then out[i] = acquire(op)
+  elseif op.t == 's' then out[i] = settle(op)
+  else out[i] = refresh(op) end
+end
+return cjson.encode(out)
+"""
+
+
+def _scopes_arg(demand: Demand) -> list[list[Any]]:
+    """Scopes as the script reads them: [id, emission_ms, burst, tpm, max_concurrent], 0 = none."""
+    return [[s.scope_id, s.emission_s * 1000.0 if s.rpm and s.burst else 0.0, s.burst or 0,
+             s.tpm or 0, s.max_concurrent or 0] for s in demand.scopes]
+
+
+def _budget_arg(demand: Demand) -> list[Any]:
+    """The budget as [key, tokens or -1, usd or -1, period_ms], or a period of 0 for none."""
+    b = demand.budget
+    if b is None:
+        return ["", -1, -1, 0]
+    return [b.key_name, -1 if b.tokens is None else b.tokens, -1.0 if b.usd is None else b.usd,
+            int(b.period_s * 1000)]
+
+
+def _opt_int(value: float) -> int | None:
+    return None if value < 0 else int(value)
+
+
+def _opt_s(value_ms: float) -> float | None:
+    return None if value_ms < 0 else value_ms / 1000.0
+
+
+def _verdict(raw: list[Any]) -> Verdict:
+    """A ``Verdict`` from the script's ``[ok, reason, retry_ms, reports, window]`` (a retry
+    of -1 means never within the window, -2 the concurrency hint)."""
+    ok, reason, retry_ms, reports, window = raw
+    verdict = Verdict(bool(ok), reason or None, None, [], None if window < 0 else int(window))
+    if not ok:
+        verdict.retry_after_s = (None if retry_ms == -1 else
+                                 CONCURRENCY_RETRY_S if retry_ms == -2 else retry_ms / 1000.0)
+    for rep in reports if isinstance(reports, list) else []:  # cjson encodes [] as {}
+        verdict.reports.append(ScopeReport(rep[0], _opt_int(rep[1]), _opt_int(rep[2]), _opt_s(rep[3]),
+                                           _opt_int(rep[4]), _opt_int(rep[5]), _opt_s(rep[6])))
+    return verdict
+
+
+class RedisLimitStore:
+    """``LimitStore`` on Redis through redis-py's asyncio client.
+
+    Args:
+        url: ``state.redis_url``.
+        key_prefix: ``state.key_prefix``.
+        timeout_s: ``state.redis_timeout``: a batch not answered in time fails with
+            ``StoreUnavailable`` (the limiter then falls back).
+        lease_ttl_s: ``limits.lease_ttl``.
+    """
+
+    name = "redis"
+
+    def __init__(self, url: str, key_prefix: str = "shepherd:", timeout_s: float = 0.05,
+                 lease_ttl_s: float = 60.0) -> None:
+        self.redis = redis_asyncio.Redis.from_url(
+            url, socket_connect_timeout=max(timeout_s, 0.5), socket_timeout=max(timeout_s * 4, 1.0),
+            health_check_interval=0, retry_on_timeout=False)
+        self.script = self.redis.register_script(LUA)
+        self.key_prefix = key_prefix
+        self.timeout_s = timeout_s
+        self.lease_ttl_ms = int(lease_ttl_s * 1000)
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<RedisLimitStore [pending: {len(self._pending)}, batches in flight: {len(self._inflight)}]>"
+
+    async def acquire(self, demand: Demand, lease_id: str) -> Verdict:
+        op = {"t": "a", "id": lease_id, "s": _scopes_arg(demand), "tok": demand.tokens,
+              "usd": demand.usd, "b": _budget_arg(demand)}
+        return _verdict(await self._submit(op))
+
+    async def settle(self, demand: Demand, lease_id: str, budget_window: int | None,
+                     actual_tokens: int, actual_usd: float) -> None:
+        await self._submit({"t": "s", "id": lease_id, "s": _scopes_arg(demand), "tok": demand.tokens,
+                            "act": actual_tokens, "usd": demand.usd, "ausd": actual_usd,
+                            "b": _budget_arg(demand), "w": -1 if budget_window is None else budget_window})
+
+    async def refresh(self, leases: Iterable[tuple[Demand, str]]) -> None:
+        ops = [{"t": "r", "id": lease_id, "s": _scopes_arg(demand)} for demand, lease_id in leases]
+        await asyncio.gather(*(self._submit(op) for op in ops))
+
+    async def ping(self) -> bool:
+        """Whether Redis answers now."""
+        try:
+            async with asyncio.timeout(max(self.timeout_s, 0.5)):
+                return bool(await self.redis.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self.redis.aclose()
+
+    def _submit(self, op: dict[str, Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((op, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _run(self, batch: list[tuple[dict[str, Any], asyncio.Future[Any]]]) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self.script(args=[self.key_prefix, self.lease_ttl_ms,
+                                              orjson.dumps([op for op, _ in batch])])
+            results = orjson.loads(raw)
+        except (RedisError, OSError, TimeoutError, orjson.JSONDecodeError) as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(f"{type(exc).__name__}: {exc}"))
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
