@@ -8,6 +8,9 @@ its handler is cancelled at once, which detaches it from its stream.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 
@@ -109,18 +112,73 @@ async def start_server(settings: Settings, host: str | None = None, port: int | 
     return runner, int(bound)
 
 
-def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    """Run the gateway in the foreground on uvloop until SIGINT/SIGTERM."""
-    configure_logging()
+def serve(settings: Settings, host: str | None = None, port: int | None = None,
+          workers: int | None = None) -> int:
+    """Run the gateway in the foreground until SIGINT/SIGTERM; returns the exit code.
+
+    ``workers`` (default ``server.workers``) > 1 starts that many processes sharing the port
+    through SO_REUSEPORT (the kernel spreads connections across them); the parent forwards
+    SIGINT/SIGTERM and restarts a worker that dies unexpectedly.
+    """
+    count = settings.server.workers if workers is None else workers
+    bind = (host or settings.server.host, settings.server.port if port is None else port)
+    if count <= 1:
+        serve_worker(settings, *bind, reuse_port=False)
+        return 0
+    return supervise_workers(settings, bind, count)
+
+
+def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
+    """One gateway process on uvloop (``web.run_app``), until SIGINT/SIGTERM."""
     import uvloop
-    bind_host = host or settings.server.host
-    bind_port = settings.server.port if port is None else port
-    log.info("starting", extra={"host": bind_host, "port": bind_port,
-                                "upstreams": list(settings.upstreams)})
+
+    configure_logging()
+    log.info("starting", extra={"host": host, "port": port, "pid": os.getpid(),
+                                "upstreams": list(settings.upstreams), "state": settings.state.backend})
     web.run_app(
-        create_app(settings), host=bind_host, port=bind_port, access_log=None,
+        create_app(settings), host=host, port=port, access_log=None,
         handler_cancellation=True, shutdown_timeout=settings.server.drain_timeout_s,
-        print=lambda _: log.info("listening", extra={"url": f"http://{bind_host}:{bind_port}"}),
-        loop=uvloop.new_event_loop(),
-        reuse_port=settings.server.workers > 1 and hasattr(socket, "SO_REUSEPORT"),
+        print=lambda _: log.info("listening", extra={"url": f"http://{host}:{port}", "pid": os.getpid()}),
+        loop=uvloop.new_event_loop(), reuse_port=reuse_port,
     )
+
+
+def supervise_workers(settings: Settings, bind: tuple[str, int], count: int) -> int:
+    """Start ``count`` workers on ``bind`` with SO_REUSEPORT and wait for them.
+
+    Raises:
+        ValueError: the platform has no SO_REUSEPORT, or ``bind`` uses port 0 (each worker
+            would get a different port).
+    """
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("--workers > 1 needs SO_REUSEPORT, which this platform lacks")
+    if bind[1] == 0:
+        raise ValueError("--workers > 1 needs a fixed port, not 0")
+    configure_logging()
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start() -> multiprocessing.process.BaseProcess:
+        proc = context.Process(target=serve_worker, args=(settings, *bind, True), daemon=False)
+        proc.start()
+        return proc
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    procs = [start() for _ in range(count)]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping:
+        for i, proc in enumerate(procs):
+            proc.join(timeout=0.2)
+            if proc.exitcode is not None and not stopping:
+                log.warning("worker exited; restarting", extra={"pid": proc.pid, "code": proc.exitcode})
+                procs[i] = start()
+    for proc in procs:
+        proc.join()
+    return 0 if all(proc.exitcode == 0 for proc in procs) else 1

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from proxy import __version__
 from proxy.auth import hash_key
-from proxy.config import ConfigError, load_settings_file
+from proxy.config import MEMORY_WORKERS_MESSAGE, ConfigError, Settings, load_settings_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,18 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve(settings, args)
 
 
-def _serve(settings: object, args: argparse.Namespace) -> int:
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from proxy.app import serve
-    from proxy.config import Settings
 
-    assert isinstance(settings, Settings)
-    if args.workers is not None and args.workers != 1:
-        print("shepherd: --workers > 1 needs state.backend: redis, which is not available yet "
-              "in this version; each worker would keep its own limits", file=sys.stderr)
+    workers = args.workers if args.workers is not None else settings.server.workers
+    if workers > 1 and settings.state.backend == "memory":
+        print(f"shepherd: {MEMORY_WORKERS_MESSAGE}", file=sys.stderr)
         return 2
     try:
-        serve(settings, args.host, args.port)
+        return serve(settings, args.host, args.port, workers)
     except ValueError as exc:
         print(f"shepherd: {exc}", file=sys.stderr)
         return 2
-    return 0

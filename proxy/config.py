@@ -43,6 +43,14 @@ _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 _ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+MEMORY_WORKERS_MESSAGE = (
+    "more than one worker needs state.backend: redis. With the memory backend each worker "
+    "would keep its own limits, so every rpm/tpm/max_concurrent/budget would be multiplied "
+    "by the number of workers. Set `state: {backend: redis, redis_url: redis://HOST:6379/0}` "
+    "or run one worker."
+)
+
+
 class ConfigError(Exception):
     """The configuration is invalid. ``errors`` lists ``(key_path, message)`` pairs, all of them."""
 
@@ -253,10 +261,7 @@ class Settings(_Frozen):
     @model_validator(mode="after")
     def _memory_single_worker(self) -> Settings:
         if self.server.workers > 1 and self.state.backend == "memory":
-            raise ValueError(
-                "server.workers > 1 needs state.backend: redis — with the memory backend each "
-                "worker would keep its own limits and stream logs, multiplying every limit"
-            )
+            raise ValueError(MEMORY_WORKERS_MESSAGE)
         return self
 
 
