@@ -28,6 +28,8 @@ from proxy.errors import (
     NotFoundError,
     RateLimitError,
     RequestTooLargeError,
+    UpstreamError,
+    UpstreamStatusError,
 )
 from proxy.limits import (
     DemandBuilder,
@@ -60,7 +62,7 @@ from proxy.relay import (
     send_unary,
 )
 from proxy.sse import KEEP_ALIVE
-from proxy.streams import StreamLog, StreamRegistry
+from proxy.streams import StreamLog, StreamRegistry, StreamState
 from proxy.upstream import Headers, Upstream, response_headers
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -169,7 +171,7 @@ def _log_access(request: web.Request, ctx: RequestContext, status: int) -> None:
     gateway = request.app[GATEWAY]
     elapsed_s = time.perf_counter() - ctx.started_at
     endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "-"
-    gateway.metrics.count_request(endpoint, ctx.key_name or "-", status)
+    gateway.metrics.count_request(endpoint, ctx.key_name or "-", status, elapsed_s)
     if not gateway.settings.server.access_log:
         return
     fields: dict[str, object] = {
@@ -242,6 +244,9 @@ def inference_handler(endpoint: Endpoint) -> Handler:
             return await serve_unary(gateway, upstream, parsed, body, request.headers, charge)
         except GatewayError as exc:
             exc.extra_headers.update(charge.headers)
+            if isinstance(exc, UpstreamError):  # bounded label values: status or our own code
+                kind = f"http_{exc.http_status}" if isinstance(exc, UpstreamStatusError) else exc.code
+                gateway.metrics.count_upstream_error(name, kind or "upstream_error")
             raise
 
     return handle
@@ -317,6 +322,8 @@ async def produce_and_settle(gateway: Gateway, job: StreamJob, charge: Charge) -
     nothing if the stream failed before its first event."""
     try:
         await produce_stream(job)
+        if job.log.state is StreamState.FAILED and job.log.frames:  # failed after the first byte
+            gateway.metrics.count_upstream_error(job.upstream.name, "stream_interrupted")
     finally:
         gateway.balancer.release(job.upstream.name)
         counts = usage_counts(job.metering.usage)

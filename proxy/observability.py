@@ -136,7 +136,8 @@ class Metrics:
 
     Attributes:
         requests: requests answered, by endpoint, key name and HTTP status.
-        upstream_errors: upstream failures by upstream and kind (connect, timeout, status, stream).
+        upstream_errors: upstream failures by upstream and kind (the error code: e.g.
+            ``upstream_connection_error``, ``upstream_timeout``, ``upstream_error``).
         streams_active: SSE streams being served now.
         client_disconnects: streams whose client went away before the end.
         request_seconds: time from request to last byte, by endpoint.
@@ -168,15 +169,25 @@ class Metrics:
             registry=self.registry,
         )
         self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
         self.request_seconds = Histogram(
             "shepherd_request_seconds", "Request duration to last byte", ["endpoint"],
             registry=self.registry,
         )
 
-    def count_request(self, endpoint: str, key_name: str, status: int) -> None:
-        """``requests{endpoint, key, status} += 1``, reusing the labelled child."""
+    def count_request(self, endpoint: str, key_name: str, status: int, elapsed_s: float) -> None:
+        """``requests{endpoint, key, status} += 1`` and ``request_seconds{endpoint}`` observes
+        ``elapsed_s``, reusing the labelled children (the hot path)."""
         labels = (endpoint, key_name, str(status))
         child = self._request_children.get(labels)
         if child is None:
             child = self._request_children[labels] = self.requests.labels(*labels)
         child.inc()
+        histogram = self._duration_children.get(endpoint)
+        if histogram is None:
+            histogram = self._duration_children[endpoint] = self.request_seconds.labels(endpoint)
+        histogram.observe(elapsed_s)
+
+    def count_upstream_error(self, upstream: str, kind: str) -> None:
+        """``upstream_errors{upstream, kind} += 1``."""
+        self.upstream_errors.labels(upstream, kind).inc()

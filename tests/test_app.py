@@ -140,3 +140,12 @@ async def test_cleanup_cancels_running_streams(start_gateway: StartGateway,
     assert len(streams) == 0
     await wait_for_stat(mock_upstream, "open_streams", 0)
     assert (await mock_upstream.stats())["streams_cancelled"] == 1
+
+
+async def test_metrics_count_upstream_errors_by_status(http: aiohttp.ClientSession) -> None:
+    body = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
+    async with http.post("/v1/chat/completions", json=body, headers={"x-mock-status": "503"}) as resp:
+        assert resp.status == 503
+    async with http.get("/metrics") as resp:
+        text = await resp.text()
+    assert 'shepherd_upstream_errors_total{kind="http_503",upstream="mock"} 1.0' in text

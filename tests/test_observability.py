@@ -207,10 +207,10 @@ def test_count_request_increments_labelled_counter() -> None:
     metrics = Metrics()
     labels = {"endpoint": "/v1/chat/completions", "key": "tester", "status": "200"}
     assert metrics.registry.get_sample_value("shepherd_requests_total", labels) is None
-    metrics.count_request("/v1/chat/completions", "tester", 200)
-    metrics.count_request("/v1/chat/completions", "tester", 200)
-    metrics.count_request("/v1/chat/completions", "tester", 429)
-    metrics.count_request("/v1/embeddings", "other", 200)
+    metrics.count_request("/v1/chat/completions", "tester", 200, 0.01)
+    metrics.count_request("/v1/chat/completions", "tester", 200, 0.01)
+    metrics.count_request("/v1/chat/completions", "tester", 429, 0.01)
+    metrics.count_request("/v1/embeddings", "other", 200, 0.01)
     get = metrics.registry.get_sample_value
     assert get("shepherd_requests_total", labels) == 2.0
     assert get("shepherd_requests_total", {**labels, "status": "429"}) == 1.0
@@ -218,11 +218,20 @@ def test_count_request_increments_labelled_counter() -> None:
                {"endpoint": "/v1/embeddings", "key": "other", "status": "200"}) == 1.0
     assert get("shepherd_requests_total",
                {"endpoint": "/v1/embeddings", "key": "tester", "status": "200"}) is None
+    assert get("shepherd_request_seconds_count", {"endpoint": "/v1/chat/completions"}) == 3.0
+    assert get("shepherd_request_seconds_sum", {"endpoint": "/v1/chat/completions"}) == pytest.approx(0.03)
+
+
+def test_count_upstream_error_by_upstream_and_kind() -> None:
+    metrics = Metrics()
+    metrics.count_upstream_error("mock", "upstream_timeout")
+    labels = {"upstream": "mock", "kind": "upstream_timeout"}
+    assert metrics.registry.get_sample_value("shepherd_upstream_errors_total", labels) == 1.0
 
 
 def test_each_metrics_has_its_own_registry() -> None:
     first, second = Metrics(), Metrics()
-    first.count_request("/v1/models", "tester", 200)
+    first.count_request("/v1/models", "tester", 200, 0.01)
     labels = {"endpoint": "/v1/models", "key": "tester", "status": "200"}
     assert first.registry.get_sample_value("shepherd_requests_total", labels) == 1.0
     assert second.registry.get_sample_value("shepherd_requests_total", labels) is None
