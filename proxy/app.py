@@ -12,18 +12,26 @@ import multiprocessing
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from proxy.admission import Admission, SlotLimits
 from proxy.auth import KeyStore
-from proxy.balancer import Balancer
+from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
 from proxy.config import Settings
+from proxy.errors import OverloadedError
 from proxy.http_api import GATEWAY, Gateway, add_routes, gateway_middleware
 from proxy.limits import DemandBuilder, Limiter, MemoryLimitStore
 from proxy.limits_redis import RedisLimitStore
-from proxy.observability import Metrics, configure_logging, flush_logs_periodically, log
+from proxy.observability import Metrics, Sample, configure_logging, flush_logs_periodically, log
+from proxy.relay import Dispatcher
+from proxy.streams import StreamRegistry
 from proxy.upstream import Upstream
+
+#: After the drain (``_on_shutdown``), how long aiohttp waits for handlers to write their
+#: last bytes before it closes their connections.
+HANDLER_GRACE_S = 5.0
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -35,16 +43,89 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[gateway_middleware],
                           client_max_size=settings.server.max_body_bytes)
     upstreams = {name: Upstream(name, cfg) for name, cfg in settings.upstreams.items()}
-    balancer = Balancer({name: cfg.models for name, cfg in settings.upstreams.items()})
     metrics = Metrics()
-    app[GATEWAY] = Gateway(settings, KeyStore(settings.keys), balancer, upstreams,
-                           build_limiter(settings, metrics), DemandBuilder(settings), metrics=metrics)
+    admission = Admission(
+        {name: SlotLimits(cfg.slots, cfg.max_queue, cfg.queue_timeout_s)
+         for name, cfg in settings.upstreams.items()},
+        on_overflow=metrics.count_queue_overflow)
+    balancer = build_balancer(settings, admission)
+    dispatcher = Dispatcher(upstreams, balancer, admission, settings.routing.retry,
+                            RetryBudget(settings.routing.retry.budget_percent,
+                                        settings.routing.retry.budget_min), events=metrics)
+    gateway = Gateway(settings, KeyStore(settings.keys), balancer, upstreams,
+                      build_limiter(settings, metrics), DemandBuilder(settings), admission,
+                      dispatcher, StreamRegistry(buffer_bytes=settings.streams.buffer_bytes,
+                                                 retain_bytes=settings.streams.retain_bytes),
+                      metrics=metrics)
+    app[GATEWAY] = gateway
+    metrics.watch(gateway_samples(gateway))
     app.cleanup_ctx.append(_limiter)
     app.cleanup_ctx.append(_upstream_pools)
+    app.cleanup_ctx.append(_health_probes)
     app.cleanup_ctx.append(_log_flusher)
     app.on_shutdown.append(_on_shutdown)
     add_routes(app)
     return app
+
+
+def build_balancer(settings: Settings, admission: Admission) -> Balancer:
+    """The balancer over every upstream, counting in-flight requests from ``admission``."""
+    specs = {
+        name: DeploymentSpec(
+            name, cfg.models, cfg.priority, cfg.weight,
+            cfg.health_check.healthy_threshold, cfg.health_check.unhealthy_threshold,
+            cfg.outlier_detection.consecutive_failures, cfg.outlier_detection.base_ejection_s,
+            cfg.outlier_detection.max_ejection_s)
+        for name, cfg in settings.upstreams.items()
+    }
+    model_upstreams = {model: cfg.upstreams for model, cfg in settings.models.items() if cfg.upstreams}
+    return Balancer(specs, model_upstreams, settings.routing.max_ejection_percent,
+                    in_flight=admission.in_flight)
+
+
+def gateway_samples(gateway: Gateway) -> Callable[[], list[Sample]]:
+    """Per-upstream gauges read at scrape time: health, in flight, queued, pool use."""
+
+    def samples() -> list[Sample]:
+        out: list[Sample] = []
+        for name, upstream in gateway.upstreams.items():
+            status = gateway.balancer.status(name)
+            labels = {"upstream": name}
+            out.append(("shepherd_upstream_healthy", labels, 1.0 if status == "healthy" else 0.0))
+            out.extend(("shepherd_upstream_state", {**labels, "state": state}, float(state == status))
+                       for state in ("healthy", "unhealthy", "ejected", "cooldown"))
+            out.append(("shepherd_upstream_in_flight", labels, float(gateway.admission.in_flight(name))))
+            out.append(("shepherd_upstream_queued", labels, float(gateway.admission.queued_for(name))))
+            for state, count in upstream.pool_stats().items():
+                out.append(("shepherd_pool_connections", {**labels, "state": state}, float(count)))
+        out.append(("shepherd_queue_depth", {}, float(gateway.admission.queue_depth)))
+        return out
+
+    return samples
+
+
+async def _health_probes(app: web.Application) -> AsyncIterator[None]:
+    """One probe loop per upstream with ``health_check.enabled``."""
+    gateway = app[GATEWAY]
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(probe_forever(gateway, upstream))
+             for upstream in gateway.upstreams.values() if upstream.config.health_check.enabled]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def probe_forever(gateway: Gateway, upstream: Upstream) -> None:
+    """Probe ``upstream`` every ``health_check.interval``; log each health change."""
+    check = upstream.config.health_check
+    while True:
+        ok = await upstream.probe(check.path, check.timeout_s)
+        changed = gateway.balancer.record_probe(upstream.name, ok)
+        if changed is not None:
+            log.warning("upstream health changed", extra={
+                "upstream": upstream.name, "healthy": changed})
+        await asyncio.sleep(check.interval_s)
 
 
 def build_limiter(settings: Settings, metrics: Metrics) -> Limiter:
@@ -89,7 +170,18 @@ async def _log_flusher(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    app[GATEWAY].draining = True
+    """Drain: ``/readyz`` answers 503 from now on; in-flight requests and streams get up to
+    ``server.drain_timeout`` to finish; streams still running then end with an error event
+    (never a silent truncation), and their generation is cancelled."""
+    gateway = app[GATEWAY]
+    gateway.draining = True
+    deadline = asyncio.get_running_loop().time() + gateway.settings.server.drain_timeout_s
+    while gateway.busy() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)  # polling two counters beats wiring an Event through both
+    if gateway.busy():
+        log.warning("drain timeout; ending streams still running", extra={"streams": len(gateway.streams)})
+    gateway.streams.fail_all(OverloadedError("The gateway is shutting down; retry the request.",
+                                             code="shutting_down", retry_after_s=1.0))
 
 
 async def start_server(settings: Settings, host: str | None = None, port: int | None = None
@@ -101,7 +193,7 @@ async def start_server(settings: Settings, host: str | None = None, port: int | 
     """
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=settings.server.drain_timeout_s)
+                           shutdown_timeout=HANDLER_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, host or settings.server.host,
                        settings.server.port if port is None else port)
@@ -137,7 +229,7 @@ def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> 
                                 "upstreams": list(settings.upstreams), "state": settings.state.backend})
     web.run_app(
         create_app(settings), host=host, port=port, access_log=None,
-        handler_cancellation=True, shutdown_timeout=settings.server.drain_timeout_s,
+        handler_cancellation=True, shutdown_timeout=HANDLER_GRACE_S,
         print=lambda _: log.info("listening", extra={"url": f"http://{host}:{port}", "pid": os.getpid()}),
         loop=uvloop.new_event_loop(), reuse_port=reuse_port,
     )

@@ -24,6 +24,7 @@ class Principal:
         name: the key's name from config (``keys.<name>``): what logs and metrics show.
         models: model patterns the key may use; ``"*"`` matches any, ``gpt-4*`` a prefix.
         rpm, tpm, max_concurrent: the key's limits, ``None`` when unlimited.
+        priority: the key's place in admission queues (higher first).
     """
 
     name: str
@@ -31,6 +32,7 @@ class Principal:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    priority: int = 0
 
     def may_use(self, model: str) -> bool:
         """Whether this key may call ``model`` (shell-style patterns, case-sensitive)."""
@@ -62,7 +64,7 @@ class KeyStore:
         self._entries: list[tuple[bytes, Principal]] = []
         for name, cfg in keys.items():
             digest_hex = cfg.key_sha256 or hash_key(cfg.key.get_secret_value() if cfg.key else "")
-            principal = Principal(name, cfg.models, cfg.rpm, cfg.tpm, cfg.max_concurrent)
+            principal = Principal(name, cfg.models, cfg.rpm, cfg.tpm, cfg.max_concurrent, cfg.priority)
             self._entries.append((bytes.fromhex(digest_hex), principal))
 
     def __repr__(self) -> str:

@@ -1,83 +1,272 @@
-"""Model → deployments, and the pick among them.
+"""Model → deployments, their health, and the pick among them.
 
 A deployment is an upstream (``upstreams.<name>``) whose ``models`` patterns match the
-requested model id (``"*"`` matches any, ``gpt-4*`` a prefix). Among the matching deployments
-the one with the fewest requests in flight is picked, ties going to config order. Sans-I/O:
-the caller reports starts and ends with ``acquire``/``release``.
+requested model id (``"*"`` any, ``gpt-4*`` a prefix) or that ``models.<id>.upstreams`` names.
+
+Health has three parts, all sans-I/O (results are reported in, the clock is injected):
+
+* **Active probes** (``record_probe``): ``unhealthy_threshold`` consecutive failed probes mark
+  a deployment unhealthy, ``healthy_threshold`` successes mark it healthy again. An
+  unhealthy deployment gets no traffic.
+* **Passive outlier ejection** (``record_failure`` / ``record_success``): ``consecutive_failures``
+  connect errors, timeouts or 5xx in a row eject it for ``base_ejection * 2^k`` (k: ejections
+  in the recent past, capped at ``max_ejection``). At most ``max_ejection_percent`` of a
+  model's deployments (at least one) are out at once; beyond that the longest-ejected ones
+  take traffic again (Envoy's outlier detection).
+* **Cooldown** (``record_rate_limited``): an upstream answering 429 with ``Retry-After`` gets
+  no traffic for that long.
+
+Among the available deployments of the best (lowest) ``priority`` tier, the pick is the
+power of two choices: two drawn at random in proportion to ``weight``, the one with fewer
+requests in flight per unit of weight wins.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from proxy.config import model_matches
-from proxy.errors import ModelNotFoundError
+from proxy.errors import ModelNotFoundError, OverloadedError
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    """What the balancer needs to know of one upstream (from ``upstreams.<name>``)."""
+
+    name: str
+    patterns: tuple[str, ...] = ("*",)
+    priority: int = 0
+    weight: int = 1
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    consecutive_failures: int = 5
+    base_ejection_s: float = 30.0
+    max_ejection_s: float = 300.0
+
+
+@dataclass(slots=True)
+class Health:
+    """Mutable health of one deployment. Times are on the balancer's clock (seconds)."""
+
+    healthy: bool = True
+    probe_streak: int = 0  # > 0: consecutive successes, < 0: consecutive failures
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0
+    ejected_at: float = -math.inf
+    ejections: int = 0
+    cooldown_until: float = 0.0
 
 
 class Balancer:
-    """Routes a model id to one deployment.
+    """Routes a model to its available deployments and picks one.
 
     Args:
-        deployments: upstream name → its model patterns, in config order.
+        specs: deployment name → spec, in config order.
+        model_upstreams: model id → deployments named for it (``models.<id>.upstreams``).
+        max_ejection_percent: ``routing.max_ejection_percent``.
+        in_flight: requests in flight on a deployment (the admission's count).
+        clock: monotonic seconds; ``rng``: randomness for the pick (tests seed it).
     """
 
-    def __init__(self, deployments: Mapping[str, tuple[str, ...]]) -> None:
-        self._patterns = dict(deployments)
-        self._in_flight = dict.fromkeys(self._patterns, 0)
+    def __init__(self, specs: Mapping[str, DeploymentSpec],
+                 model_upstreams: Mapping[str, tuple[str, ...]] | None = None,
+                 max_ejection_percent: float = 50.0,
+                 in_flight: Callable[[str], int] = lambda _: 0,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.specs = dict(specs)
+        self.health = {name: Health() for name in self.specs}
+        self._model_upstreams = dict(model_upstreams or {})
+        self._max_ejection_percent = max_ejection_percent
+        self.in_flight = in_flight
+        self._clock = clock
+        self._rng = rng or random.Random()
         self._route_cache: dict[str, tuple[str, ...]] = {}
 
     def __repr__(self) -> str:
-        flights = ", ".join(f"{name}: {n}" for name, n in self._in_flight.items())
-        return f"<Balancer [in flight: {flights}]>"
+        states = ", ".join(f"{name}: {self.status(name)}" for name in self.specs)
+        return f"<Balancer [{states}]>"
 
-    def in_flight(self, name: str) -> int:
-        """Requests currently in flight on deployment ``name``."""
-        return self._in_flight[name]
+    def status(self, name: str) -> str:
+        """``healthy``, ``unhealthy`` (probes), ``ejected`` (outlier) or ``cooldown`` (429)."""
+        health, now = self.health[name], self._clock()
+        if not health.healthy:
+            return "unhealthy"
+        if health.ejected_until > now:
+            return "ejected"
+        if health.cooldown_until > now:
+            return "cooldown"
+        return "healthy"
+
+    def any_healthy(self) -> bool:
+        """Whether some deployment is probe-healthy and not ejected (``/readyz``)."""
+        return any(self.status(name) in ("healthy", "cooldown") for name in self.specs)
 
     def deployments_for(self, model: str) -> tuple[str, ...]:
         """Names of the deployments serving ``model`` in config order (empty if none)."""
         names = self._route_cache.get(model)
         if names is None:
-            names = tuple(n for n, p in self._patterns.items() if model_matches(p, model))
+            named = self._model_upstreams.get(model, ())
+            names = tuple(n for n, s in self.specs.items()
+                          if n in named or model_matches(s.patterns, model))
             if len(self._route_cache) < 10_000:
                 self._route_cache[model] = names
         return names
 
-    def route(self, model: str, allowed: tuple[str, ...]) -> str:
-        """Pick the deployment for ``model`` for a key whose model patterns are ``allowed``.
+    def require(self, model: str, allowed: tuple[str, ...]) -> None:
+        """Raise ``ModelNotFoundError`` (404) unless the key may use ``model`` and some
+        deployment serves it, healthy or not."""
+        if not model_matches(allowed, model) or not self.deployments_for(model):
+            raise ModelNotFoundError(model)
+
+    def candidates(self, model: str, allowed: tuple[str, ...], exclude: frozenset[str] = frozenset()
+                   ) -> list[str]:
+        """The deployments that may take a request for ``model`` now: available ones of the
+        best tier, preferring those not in ``exclude`` (already tried).
 
         Raises:
-            ModelNotFoundError: the key may not use ``model`` or no deployment serves it
-                (one answer for both, as OpenAI gives).
+            ModelNotFoundError: the key may not use ``model`` or nothing serves it (404).
+            OverloadedError: every deployment is unhealthy, ejected or cooling down (503,
+                with a retry hint).
         """
         names = self.deployments_for(model) if model_matches(allowed, model) else ()
         if not names:
             raise ModelNotFoundError(model)
-        if len(names) == 1:
-            return names[0]
-        return min(names, key=self._in_flight.__getitem__)
+        now = self._clock()
+        usable = self._usable(names, now)
+        if not usable:
+            raise self._unavailable(model, names, now)
+        fresh = [n for n in usable if n not in exclude] or usable
+        best = min(self.specs[n].priority for n in fresh)
+        return [n for n in fresh if self.specs[n].priority == best]
+
+    def _usable(self, names: tuple[str, ...], now: float) -> list[str]:
+        live = [n for n in names if self.health[n].healthy]
+        ejected = sorted((n for n in live if self.health[n].ejected_until > now),
+                         key=lambda n: self.health[n].ejected_at, reverse=True)
+        allowed_out = max(1, math.floor(len(names) * self._max_ejection_percent / 100))
+        still_out = set(ejected[:allowed_out])  # the most recently ejected stay out
+        return [n for n in live if n not in still_out and self.health[n].cooldown_until <= now]
+
+    def _unavailable(self, model: str, names: tuple[str, ...], now: float) -> OverloadedError:
+        waits = [max(self.health[n].ejected_until, self.health[n].cooldown_until) - now
+                 for n in names if self.health[n].healthy]
+        retry_after_s = max(1.0, min(waits)) if waits else 5.0
+        return OverloadedError(f"No healthy upstream is available for model `{model}`.",
+                               code="no_healthy_upstream", retry_after_s=retry_after_s)
+
+    def choose(self, free: list[str]) -> str:
+        """Power of two choices among ``free``, weighted; fewer in flight per weight wins."""
+        if len(free) == 1:
+            return free[0]
+        weights = [self.specs[n].weight for n in free]
+        first = self._rng.choices(free, weights)[0]
+        second = self._rng.choices(free, weights)[0]
+        if second == first:
+            second = self._rng.choice([n for n in free if n != first])
+        return min((first, second), key=lambda n: (self.in_flight(n) + 1) / self.specs[n].weight)
 
     def default_for(self, allowed: tuple[str, ...]) -> str:
         """The deployment for a request that names no model (passthrough paths): the first,
         in config order, serving any model or one that the ``allowed`` patterns match."""
-        for name, patterns in self._patterns.items():
-            if "*" in patterns or any(model_matches(allowed, p) for p in patterns):
+        for name, spec in self.specs.items():
+            if "*" in spec.patterns or any(model_matches(allowed, p) for p in spec.patterns):
                 return name
-        return next(iter(self._patterns))
+        return next(iter(self.specs))
 
     def explicit_models(self) -> list[str]:
-        """Model ids named literally (no wildcard) in any deployment's patterns."""
-        seen: dict[str, None] = {}
-        for patterns in self._patterns.values():
-            for p in patterns:
+        """Model ids named literally (no wildcard) in deployments' patterns or ``models``."""
+        seen: dict[str, None] = dict.fromkeys(self._model_upstreams)
+        for spec in self.specs.values():
+            for p in spec.patterns:
                 if not any(ch in p for ch in "*?["):
                     seen.setdefault(p, None)
         return list(seen)
 
-    def acquire(self, name: str) -> None:
-        """Count a request starting on deployment ``name``."""
-        self._in_flight[name] += 1
+    # --- health reports -------------------------------------------------------------------
 
-    def release(self, name: str) -> None:
-        """Count a request on deployment ``name`` ending (never below zero)."""
-        self._in_flight[name] = max(0, self._in_flight[name] - 1)
+    def record_success(self, name: str) -> None:
+        """An attempt on ``name`` got a response that is not a server failure."""
+        self.health[name].consecutive_failures = 0
+
+    def record_failure(self, name: str) -> bool:
+        """An attempt on ``name`` failed (connect error, timeout, 5xx); returns whether this
+        ejected it."""
+        health, spec, now = self.health[name], self.specs[name], self._clock()
+        health.consecutive_failures += 1
+        if health.consecutive_failures < spec.consecutive_failures or health.ejected_until > now:
+            return False
+        if now - health.ejected_at > spec.max_ejection_s + spec.base_ejection_s:
+            health.ejections = 0  # long enough since the last one: start from the base again
+        duration = min(spec.max_ejection_s, spec.base_ejection_s * 2 ** health.ejections)
+        health.ejections += 1
+        health.ejected_at, health.ejected_until = now, now + duration
+        health.consecutive_failures = 0
+        return True
+
+    def record_rate_limited(self, name: str, retry_after_s: float) -> None:
+        """``name`` answered 429 with ``Retry-After``: no traffic for ``retry_after_s``."""
+        health = self.health[name]
+        health.cooldown_until = max(health.cooldown_until, self._clock() + retry_after_s)
+
+    def record_probe(self, name: str, ok: bool) -> bool | None:
+        """Count one active probe result; returns the new ``healthy`` value when it changed,
+        else ``None``."""
+        health, spec = self.health[name], self.specs[name]
+        if ok:
+            health.probe_streak = max(1, health.probe_streak + 1)
+            if not health.healthy and health.probe_streak >= spec.healthy_threshold:
+                health.healthy = True
+                health.ejected_until = 0.0  # a recovered upstream starts clean
+                health.consecutive_failures = 0
+                return True
+        else:
+            health.probe_streak = min(-1, health.probe_streak - 1)
+            if health.healthy and -health.probe_streak >= spec.unhealthy_threshold:
+                health.healthy = False
+                return False
+        return None
+
+
+class RetryBudget:
+    """Envoy's retry budget: retries in flight may be at most ``percent`` % of the requests
+    in flight, and always at least ``minimum``.
+
+    Use ``start_request``/``end_request`` around every request and ``try_retry`` /
+    ``end_retry`` around every retry attempt.
+    """
+
+    def __init__(self, percent: float = 20.0, minimum: int = 3) -> None:
+        self.percent = percent
+        self.minimum = minimum
+        self.requests = 0
+        self.retries = 0
+        self.exhausted = 0
+
+    def __repr__(self) -> str:
+        return f"<RetryBudget [retries: {self.retries}/{self.allowed()} | requests: {self.requests}]>"
+
+    def allowed(self) -> int:
+        """Retries that may be in flight now."""
+        return max(self.minimum, math.floor(self.requests * self.percent / 100))
+
+    def start_request(self) -> None:
+        self.requests += 1
+
+    def end_request(self) -> None:
+        self.requests = max(0, self.requests - 1)
+
+    def try_retry(self) -> bool:
+        """Take a retry from the budget; False (and counted in ``exhausted``) if none left."""
+        if self.retries >= self.allowed():
+            self.exhausted += 1
+            return False
+        self.retries += 1
+        return True
+
+    def end_retry(self) -> None:
+        self.retries = max(0, self.retries - 1)

@@ -191,9 +191,43 @@ class PriceConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    """``models.<id>:`` — per-model settings."""
+    """``models.<id>:`` — per-model settings: its ``price``, and ``upstreams`` naming the
+    deployments that serve it (in addition to those whose ``models`` patterns match)."""
 
     price: PriceConfig | None = None
+    upstreams: tuple[str, ...] = ()
+
+
+class StreamsConfig(_Frozen):
+    """``streams:`` — per-stream memory: ``buffer`` unsent bytes at which the upstream read
+    pauses for a slow client (resuming below half), ``retain`` bytes of sent events kept."""
+
+    buffer_bytes: SizeBytes = Field(256 * 1024, alias="buffer")
+    retain_bytes: SizeBytes = Field(1024 * 1024, alias="retain")
+
+
+class RetryConfig(_Frozen):
+    """``routing.retry:`` — retries before the first byte reaches the client.
+
+    ``attempts``: tries per request in all (1 = no retry). Backoff before retry k is
+    uniform in [0, min(backoff_max, backoff_base * 2^k)] ("full jitter"). The retry budget
+    lets at most ``budget_percent`` % of the requests in flight be retries, but always at
+    least ``budget_min`` (Envoy's retry budget), so a failing upstream is never hammered.
+    """
+
+    attempts: int = Field(3, ge=1)
+    backoff_base_s: DurationS = Field(0.05, alias="backoff_base")
+    backoff_max_s: DurationS = Field(1.0, alias="backoff_max")
+    budget_percent: float = Field(20.0, ge=0, le=100)
+    budget_min: int = Field(3, ge=0)
+
+
+class RoutingConfig(_Frozen):
+    """``routing:`` — ``max_ejection_percent`` of a model's deployments may be ejected at
+    once (at least one); ``retry`` as ``RetryConfig``."""
+
+    max_ejection_percent: float = Field(50.0, ge=0, le=100)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
 
 
 class TimeoutsConfig(_Frozen):
@@ -209,15 +243,52 @@ class TimeoutsConfig(_Frozen):
     read_gap_s: PositiveDurationS = Field(120.0, alias="read_gap")
 
 
+class HealthCheckConfig(_Frozen):
+    """``upstreams.<name>.health_check:`` — active probes: ``GET <base_url><path>`` every
+    ``interval``; ``unhealthy_threshold`` consecutive failures (error, non-2xx, or no answer
+    within ``timeout``) mark the upstream unhealthy, ``healthy_threshold`` successes healthy
+    again. The default path ``/models`` is never a billable completion."""
+
+    enabled: bool = True
+    path: str = "/models"
+    interval_s: PositiveDurationS = Field(10.0, alias="interval")
+    timeout_s: PositiveDurationS = Field(3.0, alias="timeout")
+    healthy_threshold: int = Field(2, ge=1)
+    unhealthy_threshold: int = Field(3, ge=1)
+
+
+class OutlierConfig(_Frozen):
+    """``upstreams.<name>.outlier_detection:`` — passive ejection: ``consecutive_failures``
+    connect errors, timeouts or 5xx in a row eject the upstream for ``base_ejection`` times
+    2^(ejections so far), at most ``max_ejection``."""
+
+    consecutive_failures: int = Field(5, ge=1)
+    base_ejection_s: PositiveDurationS = Field(30.0, alias="base_ejection")
+    max_ejection_s: PositiveDurationS = Field(300.0, alias="max_ejection")
+
+
 class UpstreamConfig(_Frozen):
-    """``upstreams.<name>:`` — one OpenAI-compatible deployment."""
+    """``upstreams.<name>:`` — one OpenAI-compatible deployment.
+
+    ``priority``: tier, lower is preferred (higher tiers take traffic only when no deployment
+    of a lower tier is available); ``weight``: share within a tier. ``max_in_flight``
+    requests at once (default ``max_connections``; it also sizes the keep-alive pool),
+    ``max_queue`` more may wait up to ``queue_timeout``.
+    """
 
     base_url: str
     api_key: SecretStr | None = None
     models: ModelPatterns = ("*",)
+    priority: int = Field(0, ge=0)
+    weight: int = Field(1, ge=1)
     max_connections: int = Field(100, ge=1)
+    max_in_flight: int | None = Field(None, ge=1)
+    max_queue: int = Field(1000, ge=0)
+    queue_timeout_s: DurationS = Field(10.0, alias="queue_timeout")
     keepalive_expiry_s: PositiveDurationS = Field(15.0, alias="keepalive_expiry")
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
+    outlier_detection: OutlierConfig = Field(default_factory=OutlierConfig)
     organization: str | None = None
     project: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
@@ -230,16 +301,23 @@ class UpstreamConfig(_Frozen):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @property
+    def slots(self) -> int:
+        """Requests this upstream takes at once: ``max_in_flight``, else ``max_connections``."""
+        return self.max_in_flight if self.max_in_flight is not None else self.max_connections
+
 
 class KeyConfig(RateLimits):
     """``keys.<name>:`` — one virtual key; exactly one of ``key`` and ``key_sha256``, its
-    models, its limits (``RateLimits``), optional per-model limits and a budget."""
+    models, its limits (``RateLimits``), optional per-model limits and a budget, and its
+    ``priority`` in admission queues (higher is served first; default 0)."""
 
     key: SecretStr | None = None
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     models: ModelPatterns = ("*",)
     per_model: dict[str, RateLimits] = Field(default_factory=dict)
     budget: BudgetConfig | None = None
+    priority: int = 0
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:
@@ -254,9 +332,19 @@ class Settings(_Frozen):
     server: ServerConfig = Field(default_factory=ServerConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    streams: StreamsConfig = Field(default_factory=StreamsConfig)
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     keys: dict[str, KeyConfig] = Field(min_length=1)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _model_upstreams_exist(self) -> Settings:
+        for model_id, model in self.models.items():
+            unknown = [name for name in model.upstreams if name not in self.upstreams]
+            if unknown:
+                raise ValueError(f"models.{model_id}.upstreams names unknown upstreams: {unknown}")
+        return self
 
     @model_validator(mode="after")
     def _memory_single_worker(self) -> Settings:

@@ -177,9 +177,14 @@ class UpstreamError(GatewayError):
 
 
 class UpstreamConnectionError(UpstreamError):
-    """Connecting to or reading from the upstream failed (502)."""
+    """Connecting to or reading from the upstream failed (502). ``stale``: a pooled
+    keep-alive connection was found closed before any of the response arrived."""
 
     default_code = "upstream_connection_error"
+
+    def __init__(self, message: str, *, stale: bool = False, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.stale = stale
 
 
 class UpstreamTimeoutError(UpstreamError):

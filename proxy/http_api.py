@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.admission import Admission
 from proxy.auth import KeyStore, Principal
 from proxy.balancer import Balancer
 from proxy.config import Settings
@@ -28,8 +29,6 @@ from proxy.errors import (
     NotFoundError,
     RateLimitError,
     RequestTooLargeError,
-    UpstreamError,
-    UpstreamStatusError,
 )
 from proxy.limits import (
     DemandBuilder,
@@ -52,8 +51,10 @@ from proxy.relay import (
     COMPLETIONS,
     EMBEDDINGS,
     RESPONSES,
+    Dispatcher,
     Endpoint,
     InferenceRequest,
+    Route,
     StreamJob,
     UnaryResult,
     open_passthrough,
@@ -62,7 +63,7 @@ from proxy.relay import (
     send_unary,
 )
 from proxy.sse import KEEP_ALIVE
-from proxy.streams import StreamLog, StreamRegistry, StreamState
+from proxy.streams import StreamLog, StreamRegistry
 from proxy.upstream import Headers, Upstream, response_headers
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -88,6 +89,8 @@ class Gateway:
         upstreams: upstream name → its pooled client.
         limiter: per-key limits (memory or Redis).
         demands: builds each request's limit demand from config.
+        admission: in-flight slots and wait queues per upstream.
+        dispatcher: attempts, retries and failover.
         streams: live stream logs.
         metrics: Prometheus collectors.
         draining: set on shutdown; ``/readyz`` answers 503 from then on.
@@ -99,9 +102,16 @@ class Gateway:
     upstreams: dict[str, Upstream]
     limiter: Limiter
     demands: DemandBuilder
+    admission: Admission
+    dispatcher: Dispatcher
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
+
+
+    def busy(self) -> bool:
+        """Whether any request holds an upstream slot or any stream is still running."""
+        return any(self.admission.in_flight(name) for name in self.upstreams) or len(self.streams) > 0
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -222,10 +232,10 @@ def inference_handler(endpoint: Endpoint) -> Handler:
         principal = authenticate(request)
         raw = await read_body(request)
         parsed = parse_inference(endpoint, raw)
-        name = gateway.balancer.route(parsed.model, principal.models)
+        gateway.balancer.require(parsed.model, principal.models)
         ctx = request_context.get()
         if ctx is not None:
-            ctx.model, ctx.upstream = parsed.model, name
+            ctx.model = parsed.model
         charge = Charge(estimate_prompt_tokens(len(raw)), completion_reserve(
             parsed.payload, gateway.settings.limits.default_reserve_tokens, endpoint.streams))
         try:
@@ -234,19 +244,14 @@ def inference_handler(endpoint: Endpoint) -> Handler:
         except RateLimitError as exc:
             gateway.metrics.rate_limited.labels(principal.name, exc.code or "-").inc()
             raise
+        route = Route(parsed.model, principal.models, principal.priority)
         try:
-            upstream = gateway.upstreams[name]
-            body, injected = parsed.upstream_body(upstream.config.inject_stream_usage)
             if parsed.stream:
-                job = StreamJob(upstream, parsed, body, injected, request.headers,
-                                gateway.streams.create(principal.name))
+                job = StreamJob(parsed, route, request.headers, gateway.streams.create(principal.name))
                 return await serve_stream(request, gateway, job, charge)
-            return await serve_unary(gateway, upstream, parsed, body, request.headers, charge)
+            return await serve_unary(gateway, route, parsed, request.headers, charge)
         except GatewayError as exc:
             exc.extra_headers.update(charge.headers)
-            if isinstance(exc, UpstreamError):  # bounded label values: status or our own code
-                kind = f"http_{exc.http_status}" if isinstance(exc, UpstreamStatusError) else exc.code
-                gateway.metrics.count_upstream_error(name, kind or "upstream_error")
             raise
 
     return handle
@@ -287,22 +292,27 @@ async def settle(gateway: Gateway, charge: Charge, model: str, counts: tuple[int
     await gateway.limiter.settle(lease, tokens, usd)
 
 
-async def serve_unary(gateway: Gateway, upstream: Upstream, parsed: InferenceRequest, body: bytes,
-                      headers: Headers, charge: Charge) -> web.StreamResponse:
-    """Relay a whole answer; settle with the upstream's usage (nothing after an upstream
-    error, the whole reservation if the client left mid-request)."""
-    gateway.balancer.acquire(upstream.name)
+async def serve_unary(gateway: Gateway, route: Route, parsed: InferenceRequest, headers: Headers,
+                      charge: Charge) -> web.StreamResponse:
+    """Relay a whole answer (with failover); settle with the upstream's usage (nothing after
+    an upstream error, the whole reservation if the client left mid-request)."""
+    ctx = request_context.get()
+
+    async def attempt(upstream: Upstream) -> UnaryResult:
+        if ctx is not None:
+            ctx.upstream = upstream.name
+        body, _ = parsed.upstream_body(upstream.config.inject_stream_usage)
+        return await send_unary(upstream, "POST", parsed.endpoint.path, body, headers)
+
     counts: tuple[int, int] | None = None
     try:
-        result = await send_unary(upstream, "POST", parsed.endpoint.path, body, headers)
+        result = await gateway.dispatcher.run(route, attempt)
         counts = usage_counts(result.usage)
     except GatewayError:
         counts = (0, 0)
         raise
     finally:
-        gateway.balancer.release(upstream.name)
         await settle(gateway, charge, parsed.model, counts)
-    ctx = request_context.get()
     if ctx is not None:
         ctx.usage = result.usage
     response = unary_response(result)
@@ -321,14 +331,11 @@ async def produce_and_settle(gateway: Gateway, job: StreamJob, charge: Charge) -
     upstream's usage, else the prompt estimate plus one token per event generated, else
     nothing if the stream failed before its first event."""
     try:
-        await produce_stream(job)
-        if job.log.state is StreamState.FAILED and job.log.frames:  # failed after the first byte
-            gateway.metrics.count_upstream_error(job.upstream.name, "stream_interrupted")
+        await produce_stream(job, gateway.dispatcher)
     finally:
-        gateway.balancer.release(job.upstream.name)
         counts = usage_counts(job.metering.usage)
         if counts is None:
-            counts = (charge.prompt_estimate, job.metering.events) if job.log.frames else (0, 0)
+            counts = (charge.prompt_estimate, job.metering.events) if job.log.last_seq else (0, 0)
         await settle(gateway, charge, job.request.model, counts)
 
 
@@ -344,7 +351,6 @@ async def serve_stream(request: web.Request, gateway: Gateway, job: StreamJob,
     ctx = request_context.get()
     if ctx is not None:
         ctx.stream_id = log.stream_id
-    gateway.balancer.acquire(job.upstream.name)
     log.producer = asyncio.get_running_loop().create_task(produce_and_settle(gateway, job, charge))
     gateway.metrics.streams_active.inc()
     try:
@@ -390,7 +396,8 @@ async def copy_log(response: web.StreamResponse, log: StreamLog, keepalive_s: fl
             for frame in frames:
                 cursor += 1
                 out += prefix + str(cursor).encode() + b"\n" + frame
-            await response.write(out)
+            await response.write(out)  # drains once aiohttp's transport buffer is full
+            log.ack(cursor)
             continue
         if log.closed:
             break
@@ -443,7 +450,7 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     principal = authenticate(request)
     model_id = request.match_info["model"]
-    name = gateway.balancer.route(model_id, principal.models)
+    name = gateway.balancer.choose(gateway.balancer.candidates(model_id, principal.models))
     path = "/models/" + quote(model_id, safe="/@:")
     try:
         result = await send_unary(gateway.upstreams[name], "GET", path, None, request.headers)
@@ -462,8 +469,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     principal = authenticate(request)
     body = await read_body(request)
     model = _json_model(request, body)
-    name = (gateway.balancer.route(model, principal.models) if model is not None
-            else gateway.balancer.default_for(principal.models))
+    name = (gateway.balancer.choose(gateway.balancer.candidates(model, principal.models))
+            if model is not None else gateway.balancer.default_for(principal.models))
     upstream = gateway.upstreams[name]
     path = request.rel_url.raw_path[len("/v1"):]
     async with open_passthrough(upstream, request.method, path, request.rel_url.raw_query_string,
@@ -508,16 +515,23 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """``GET /readyz``: 200 with each upstream's in-flight count and pool use; 503 while
-    draining for shutdown."""
+    """``GET /readyz``: 200 when some upstream is healthy, 503 when none is or while draining
+    for shutdown; the body lists each upstream's state, requests in flight and queued, and
+    its keep-alive pool (connections in use and idle)."""
     gateway = request.app[GATEWAY]
     upstreams = {
-        name: {"in_flight": gateway.balancer.in_flight(name), "pool": u.pool_stats()}
+        name: {"state": gateway.balancer.status(name),
+               "in_flight": gateway.admission.in_flight(name),
+               "queued": gateway.admission.queued_for(name),
+               "pool": u.pool_stats()}
         for name, u in gateway.upstreams.items()
     }
-    ready = not gateway.draining
-    return json_response({"status": "ready" if ready else "draining", "upstreams": upstreams},
-                         status=200 if ready else 503)
+    if gateway.draining:
+        status = "draining"
+    else:
+        status = "ready" if gateway.balancer.any_healthy() else "no_healthy_upstream"
+    return json_response({"status": status, "upstreams": upstreams},
+                         status=200 if status == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

@@ -22,8 +22,9 @@ Rules (each one a property test in ``tests/test_limits.py``):
   ``limits.lease_ttl`` after its last refresh, so a crashed process cannot hold slots forever.
 * **Budgets.** Per fixed window of ``period`` seconds (windows count from the Unix epoch),
   ``spent + reserved + estimate <= limit`` is checked and the estimate charged in the same
-  step, so concurrent requests overshoot by at most one request's excess over its
-  reservation.
+  step, so no two requests can both take the last of a budget. What remains is the excess of
+  actual use over reservations: requests in sequence overshoot by at most one request's
+  excess, requests in flight together by at most the sum of their excesses.
 
 A scope is a key (``keys.<name>``) or one model of a key (``keys.<name>.per_model.<model>``);
 a request must pass every scope that applies, and is charged in all of them or none.
@@ -151,20 +152,38 @@ class Verdict:
 
 def gcra(tat_s: float, now_s: float, emission_s: float, burst: int
          ) -> tuple[bool, float, float, int, float]:
-    """One GCRA step.
+    """One GCRA step, on seconds (see ``gcra_us`` for the arithmetic).
 
     Returns ``(allowed, new_tat_s, retry_after_s, remaining, reset_s)``: the TAT to store
     if allowed, how long until a request would pass if refused, how many more requests
     would pass right now, and how long until the scope is fully replenished.
     """
-    base = max(tat_s, now_s)
-    new_tat = base + emission_s
-    tolerance = burst * emission_s
-    if new_tat - now_s > tolerance + 1e-9:
-        reset = max(0.0, base - now_s)
-        return False, tat_s, new_tat - now_s - tolerance, 0, reset
-    remaining = int((tolerance - (new_tat - now_s)) / emission_s + 1e-9)
-    return True, new_tat, 0.0, remaining, new_tat - now_s
+    ok, tat, retry, remaining, reset = gcra_us(_us(tat_s), _us(now_s), emission_us(emission_s), burst)
+    return ok, tat / 1e6, retry / 1e6, remaining, reset / 1e6
+
+
+def emission_us(emission_s: float) -> int:
+    """The emission interval in whole microseconds, rounded up (so the admitted rate never
+    exceeds ``rpm``), at least 1."""
+    return max(1, math.ceil(emission_s * 1e6 - 1e-6))
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * 1e6)
+
+
+def gcra_us(tat: int, now: int, emission: int, burst: int) -> tuple[bool, int, int, int, int]:
+    """One GCRA step in integer microseconds, so no float rounding at Unix-time magnitudes
+    can shift a decision (the Lua script does the same with integers below 2^53).
+
+    Returns ``(allowed, new_tat, retry_after, remaining, reset)``, times in microseconds.
+    """
+    base = max(tat, now)
+    new_tat = base + emission
+    tolerance = burst * emission
+    if new_tat - now > tolerance:
+        return False, tat, new_tat - now - tolerance, 0, base - now
+    return True, new_tat, 0, (tolerance - (new_tat - now)) // emission, new_tat - now
 
 
 def refill(tokens: float, updated_s: float, now_s: float, capacity: float, rate_per_s: float) -> float:
@@ -214,7 +233,7 @@ class MemoryLimitStore:
     def __init__(self, lease_ttl_s: float = 60.0, clock: Callable[[], float] = time.time) -> None:
         self.lease_ttl_s = lease_ttl_s
         self.clock = clock
-        self.tat: dict[str, float] = {}
+        self.tat: dict[str, int] = {}  # GCRA theoretical arrival time, microseconds
         self.buckets: dict[str, tuple[float, float]] = {}
         self.leases: dict[str, dict[str, float]] = {}
         self.spent: dict[tuple[str, int], tuple[int, float]] = {}
@@ -248,14 +267,14 @@ class MemoryLimitStore:
                    commits: list[Callable[[], None]]) -> None:
         if not scope.rpm or not scope.burst:
             return
-        ok, tat, retry, remaining, reset = gcra(self.tat.get(scope.scope_id, 0.0), now,
-                                                scope.emission_s, scope.burst)
+        ok, tat, retry, remaining, reset = gcra_us(self.tat.get(scope.scope_id, 0), _us(now),
+                                                   emission_us(scope.emission_s), scope.burst)
         report.limit_requests, report.remaining_requests = scope.rpm, remaining
-        report.reset_requests_s = reset
+        report.reset_requests_s = reset / 1e6
         if ok:
             commits.append(lambda: self.tat.__setitem__(scope.scope_id, tat))
         else:
-            _refuse(verdict, "requests", retry)
+            _refuse(verdict, "requests", retry / 1e6)
 
     def _check_tpm(self, scope: Scope, tokens: int, now: float, verdict: Verdict,
                    report: ScopeReport, commits: list[Callable[[], None]]) -> None:
@@ -379,8 +398,9 @@ def go_duration(seconds: float) -> str:
     """A Go ``time.Duration`` string as OpenAI's reset headers use: ``12ms``, ``1s``,
     ``6m0s``, ``1h2m3s`` (seconds rounded up to whole milliseconds below 1 s, to whole
     seconds above)."""
-    if seconds < 1.0:
-        return f"{math.ceil(max(0.0, seconds) * 1000)}ms"
+    ms = math.ceil(max(0.0, seconds) * 1000 - 1e-9)
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
     total = math.ceil(seconds - 1e-9)
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)

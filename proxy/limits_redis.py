@@ -26,7 +26,7 @@ import orjson
 import redis.asyncio as redis_asyncio
 from redis.exceptions import RedisError
 
-from proxy.limits import CONCURRENCY_RETRY_S, Demand, ScopeReport, StoreUnavailable, Verdict
+from proxy.limits import CONCURRENCY_RETRY_S, Demand, ScopeReport, StoreUnavailable, Verdict, emission_us
 
 #: The most operations sent in one EVALSHA.
 MAX_BATCH = 256
@@ -36,7 +36,8 @@ local prefix = ARGV[1]
 local lease_ttl = tonumber(ARGV[2])
 local ops = cjson.decode(ARGV[3])
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])  -- exact: below 2^53
+local now = math.floor(now_us / 1000)  -- milliseconds, for buckets, leases and budgets
 
 local function fmt(x) return string.format('%.3f', x) end
 
@@ -67,21 +68,22 @@ end
 local function check_scope(sc, op, res, commits)
   local sid, emission, burst, tpm, maxc = sc[1], sc[2], sc[3], sc[4], sc[5]
   local rep = {sid, -1, -1, -1, -1, -1, -1}
-  if emission > 0 then
+  if emission > 0 then  -- GCRA in integer microseconds, as proxy.limits.gcra_us
     local key = prefix .. sid .. ':tat'
     local tat = tonumber(redis.call('GET', key) or '0')
-    local base = math.max(tat, now)
+    local base = math.max(tat, now_us)
     local new_tat = base + emission
     local tol = burst * emission
-    rep[2] = math.floor(60000 / emission + 0.5)
-    if new_tat - now > tol + 0.000001 then
-      rep[3], rep[4] = 0, math.max(0, base - now)
-      refuse(res, 'requests', new_tat - now - tol)
+    rep[2] = sc[6]
+    if new_tat - now_us > tol then
+      rep[3], rep[4] = 0, (base - now_us) / 1000
+      refuse(res, 'requests', (new_tat - now_us - tol) / 1000)
     else
-      rep[3] = math.floor((tol - (new_tat - now)) / emission + 0.000001)
-      rep[4] = new_tat - now
+      rep[3] = math.floor((tol - (new_tat - now_us)) / emission)
+      rep[4] = (new_tat - now_us) / 1000
       table.insert(commits, function()
-        redis.call('SET', key, fmt(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+        redis.call('SET', key, string.format('%.0f', new_tat), 'PX',
+                   math.ceil((new_tat - now_us) / 1000) + 1000)
       end)
     end
   end
@@ -185,9 +187,10 @@ return cjson.encode(out)
 
 
 def _scopes_arg(demand: Demand) -> list[list[Any]]:
-    """Scopes as the script reads them: [id, emission_ms, burst, tpm, max_concurrent], 0 = none."""
-    return [[s.scope_id, s.emission_s * 1000.0 if s.rpm and s.burst else 0.0, s.burst or 0,
-             s.tpm or 0, s.max_concurrent or 0] for s in demand.scopes]
+    """Scopes as the script reads them: [id, emission_us, burst, tpm, max_concurrent, rpm],
+    0 = none."""
+    return [[s.scope_id, emission_us(s.emission_s) if s.rpm and s.burst else 0, s.burst or 0,
+             s.tpm or 0, s.max_concurrent or 0, s.rpm or 0] for s in demand.scopes]
 
 
 def _budget_arg(demand: Demand) -> list[Any]:

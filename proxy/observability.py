@@ -17,11 +17,14 @@ import logging.handlers
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 #: The request id and key name of the request being served, or ``None`` outside requests.
 request_context: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
@@ -168,6 +171,15 @@ class Metrics:
             "shepherd_rate_limited", "Requests refused by a key's limits", ["key", "reason"],
             registry=self.registry,
         )
+        self.retries = Counter("shepherd_retries", "Retries after a failed attempt", ["upstream", "reason"],
+                               registry=self.registry)
+        self.ejections = Counter("shepherd_upstream_ejections", "Outlier ejections", ["upstream"],
+                                 registry=self.registry)
+        self.retry_budget_exhausted = Counter(
+            "shepherd_retry_budget_exhausted", "Retries refused by the retry budget", registry=self.registry)
+        self.queue_overflows = Counter(
+            "shepherd_queue_overflows", "Requests refused with 503: queue full or deadline passed",
+            ["upstreams"], registry=self.registry)
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
         self.request_seconds = Histogram(
@@ -191,3 +203,45 @@ class Metrics:
     def count_upstream_error(self, upstream: str, kind: str) -> None:
         """``upstream_errors{upstream, kind} += 1``."""
         self.upstream_errors.labels(upstream, kind).inc()
+
+    def count_retry(self, upstream: str, reason: str) -> None:
+        """A retry after a failed attempt on ``upstream``."""
+        self.retries.labels(upstream, reason).inc()
+
+    def count_ejection(self, upstream: str) -> None:
+        """``upstream`` was ejected by outlier detection."""
+        self.ejections.labels(upstream).inc()
+
+    def count_retry_budget_exhausted(self) -> None:
+        """A retry was refused by the retry budget."""
+        self.retry_budget_exhausted.inc()
+
+    def count_queue_overflow(self, upstreams: str) -> None:
+        """A request was refused with 503: queue full or deadline passed."""
+        self.queue_overflows.labels(upstreams).inc()
+
+    def watch(self, samples: Callable[[], list[Sample]]) -> None:
+        """Export gauges computed at scrape time by ``samples``."""
+        self.registry.register(_CallbackCollector(samples))
+
+
+#: A gauge sample computed at scrape time: (metric name, labels, value).
+Sample = tuple[str, dict[str, str], float]
+
+
+class _CallbackCollector(Collector):
+    """Turns ``samples()`` into gauge families at each scrape (prometheus-client custom
+    collector)."""
+
+    def __init__(self, samples: Callable[[], list[Sample]]) -> None:
+        self._samples = samples
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for name, labels, value in self._samples():
+            family = families.get(name)
+            if family is None:
+                family = families[name] = GaugeMetricFamily(name, name.replace("_", " "),
+                                                            labels=list(labels))
+            family.add_metric(list(labels.values()), value)
+        yield from families.values()

@@ -12,32 +12,40 @@ before it reaches the client (DESIGN §4 Wire rules).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
+from aiohttp_retry import ExponentialRetry
 from multidict import CIMultiDictProxy
 
+from proxy.admission import Admission
+from proxy.balancer import Balancer, RetryBudget
+from proxy.config import RetryConfig
 from proxy.errors import (
     GatewayError,
     InvalidRequestError,
+    OverloadedError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
 from proxy.sse import DONE, SSEError, SSEParser, encode_event
-from proxy.streams import StreamLog, StreamState
+from proxy.streams import StreamLog, StreamState, error_frame
 from proxy.upstream import Headers, Upstream
 
 error_log = logging.getLogger("proxy.error")
 
 JSONDict = dict[str, Any]
+T = TypeVar("T")
 
 #: Body fields a client might use to redirect the gateway; never forwarded (DESIGN §4).
 _ROUTING_OVERRIDES = ("api_base", "base_url")
@@ -215,11 +223,6 @@ def map_client_error(upstream: Upstream, exc: BaseException) -> GatewayError:
     return UpstreamConnectionError(f"Upstream {upstream.name} could not be reached ({type(exc).__name__}).")
 
 
-def error_frame(error: GatewayError) -> bytes:
-    """The SSE event that ends a failed stream: ``data: {"error": {...}}`` (never ``[DONE]``)."""
-    return encode_event(orjson.dumps(error.to_body()))
-
-
 @dataclass(slots=True)
 class UnaryResult:
     """A whole upstream answer: ``status``, ``headers``, ``body`` and parsed ``usage``."""
@@ -252,9 +255,15 @@ async def send_unary(upstream: Upstream, method: str, path: str, body: bytes | N
             response = await upstream.session.request(
                 method, upstream.url(path, query_string), data=body,
                 headers=upstream.request_headers(headers), allow_redirects=False)
+    except aiohttp.ServerDisconnectedError:
+        raise UpstreamConnectionError(f"Upstream {upstream.name} closed a pooled connection.",
+                                      stale=True) from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise map_client_error(upstream, exc) from None
+    try:
         async with response:
             data = await response.read()
-    except (aiohttp.ClientError, TimeoutError, SSEError) as exc:
+    except (aiohttp.ClientError, TimeoutError) as exc:
         raise map_client_error(upstream, exc) from None
     if response.status >= 300:
         raise upstream_status_error(upstream, response.status, data,
@@ -295,78 +304,250 @@ async def open_passthrough(upstream: Upstream, method: str, path: str, query_str
         yield response
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Who asks for which model: the key's model patterns and queue priority."""
+
+    model: str
+    allowed: tuple[str, ...]
+    priority: int = 0
+
+
 @dataclass(slots=True)
 class StreamJob:
     """Everything the producer of one stream needs.
 
     Attributes:
-        upstream: where to send it.
         request: the parsed request.
-        body: the bytes to send (usage possibly injected).
-        injected_usage: drop the ``choices: []`` usage chunk before it reaches the log.
+        route: model, allowed patterns and priority for picking deployments.
         headers: the client's request headers (filtered by ``Upstream.request_headers``).
         log: the log to fill.
         metering: receives the usage the upstream reports.
+        upstream: the deployment of the current attempt (``None`` before the first).
+        injected_usage: drop the ``choices: []`` usage chunk before it reaches the log.
     """
 
-    upstream: Upstream
     request: InferenceRequest
-    body: bytes
-    injected_usage: bool
+    route: Route
     headers: Headers
     log: StreamLog
     metering: Metering = field(default_factory=Metering)
+    upstream: Upstream | None = None
+    injected_usage: bool = False
 
 
-async def produce_stream(job: StreamJob) -> None:
-    """Read the upstream stream into ``job.log`` until it ends, fails or is cancelled.
+def is_retryable(error: GatewayError) -> bool:
+    """Connect errors, timeouts, 429 and 5xx may succeed elsewhere; other 4xx never."""
+    if isinstance(error, UpstreamStatusError):
+        return error.upstream_status == 429 or error.upstream_status >= 500
+    return isinstance(error, UpstreamConnectionError | UpstreamTimeoutError)
+
+
+class Dispatcher:
+    """Runs attempts of one request on deployments: a slot from admission, the attempt,
+    its health report, and retries with failover until the first byte reached the client.
+
+    Args:
+        upstreams: name → pooled upstream.
+        balancer: candidates, pick and health.
+        admission: slots and queues.
+        retry: ``routing.retry``.
+        budget: the gateway-wide retry budget.
+        events: receives retries, errors, ejections and budget exhaustion (metrics).
+    """
+
+    def __init__(self, upstreams: dict[str, Upstream], balancer: Balancer, admission: Admission,
+                 retry: RetryConfig, budget: RetryBudget, events: DispatchEvents | None = None) -> None:
+        self.upstreams = upstreams
+        self.balancer = balancer
+        self.admission = admission
+        self.retry = retry
+        self.budget = budget
+        self.events = events or NoEvents()
+        self._backoff = ExponentialRetry(attempts=retry.attempts, start_timeout=retry.backoff_base_s,
+                                         max_timeout=retry.backoff_max_s)
+
+    async def run(self, route: Route, attempt: Callable[[Upstream], Awaitable[T]],
+                  committed: Callable[[], bool] = lambda: False) -> T:
+        """Call ``attempt(upstream)`` until it succeeds, the error is final, or the first
+        byte was committed to the client (``committed()``).
+
+        Raises:
+            GatewayError: the last attempt's error; ``x-should-retry: false`` when the
+                gateway already retried or its retry budget is spent. 404/503 from routing.
+        Cancelling is safe: the slot is released and a queued request leaves the queue.
+        """
+        self.budget.start_request()
+        try:
+            return await self._attempts(route, attempt, committed)
+        finally:
+            self.budget.end_request()
+
+    async def _attempts(self, route: Route, attempt: Callable[[Upstream], Awaitable[T]],
+                        committed: Callable[[], bool]) -> T:
+        tried: set[str] = set()
+        last: GatewayError | None = None
+        stale_retried = False
+        n = 0
+        while True:
+            name = await self._slot(route, tried, last)
+            try:
+                result = await attempt(self.upstreams[name])
+            except GatewayError as exc:
+                self._record(name, exc)
+                if isinstance(exc, UpstreamConnectionError) and exc.stale and not stale_retried:
+                    stale_retried = True  # a dead pooled connection: once more, at once
+                    continue
+                last = exc
+            else:
+                self.balancer.record_success(name)
+                return result
+            finally:
+                self.admission.release(name)
+                if n:
+                    self.budget.end_retry()
+            n += 1
+            tried.add(name)
+            await self._before_retry(last, n, committed, name)
+
+    async def _slot(self, route: Route, tried: set[str], last: GatewayError | None) -> str:
+        try:
+            candidates = self.balancer.candidates(route.model, route.allowed, frozenset(tried))
+        except OverloadedError:
+            if last is not None:
+                raise last from None  # nowhere left to fail over to: the real error
+            raise
+        return await self.admission.acquire(candidates, self.balancer.choose, route.priority)
+
+    async def _before_retry(self, error: GatewayError | None, n: int, committed: Callable[[], bool],
+                            name: str) -> None:
+        assert error is not None
+        if committed() or not is_retryable(error):
+            if n > 1:
+                error.should_retry = False
+            raise error
+        if n >= self.retry.attempts:
+            error.should_retry = False
+            raise error
+        if not self.budget.try_retry():
+            self.events.count_retry_budget_exhausted()
+            error.should_retry = False
+            raise error
+        self.events.count_retry(name, _error_kind(error))
+        await asyncio.sleep(random.uniform(0, self._backoff.get_timeout(n - 1)))
+
+    def _record(self, name: str, error: GatewayError) -> None:
+        self.events.count_upstream_error(name, _error_kind(error))
+        if isinstance(error, UpstreamStatusError) and error.upstream_status == 429:
+            self.balancer.record_rate_limited(name, error.retry_after_s or DEFAULT_RETRY_AFTER_S)
+        elif isinstance(error, UpstreamStatusError) and error.upstream_status < 500:
+            self.balancer.record_success(name)
+        elif not (isinstance(error, UpstreamConnectionError) and error.stale) \
+                and self.balancer.record_failure(name):
+            self.events.count_ejection(name)
+            error_log.warning("upstream ejected", extra={"upstream": name})
+
+
+def _error_kind(error: GatewayError) -> str:
+    """A bounded label for metrics: ``http_<status>`` for upstream statuses, else the code."""
+    if isinstance(error, UpstreamStatusError):
+        return f"http_{error.upstream_status}"
+    return error.code or type(error).__name__
+
+
+class DispatchEvents(Protocol):
+    """What the dispatcher reports (``observability.Metrics`` implements it)."""
+
+    def count_retry(self, upstream: str, reason: str) -> None: ...
+
+    def count_upstream_error(self, upstream: str, kind: str) -> None: ...
+
+    def count_ejection(self, upstream: str) -> None: ...
+
+    def count_retry_budget_exhausted(self) -> None: ...
+
+
+class NoEvents:
+    """``DispatchEvents`` that records nothing."""
+
+    def count_retry(self, upstream: str, reason: str) -> None:
+        return None
+
+    def count_upstream_error(self, upstream: str, kind: str) -> None:
+        return None
+
+    def count_ejection(self, upstream: str) -> None:
+        return None
+
+    def count_retry_budget_exhausted(self) -> None:
+        return None
+
+
+async def produce_stream(job: StreamJob, dispatcher: Dispatcher) -> None:
+    """Read the upstream stream into ``job.log`` until it ends, fails or is cancelled,
+    failing over to another deployment while nothing was appended yet.
 
     Every ending closes the log: normally with ``[DONE]`` (chat, completions) or after the
     upstream's last event (responses); on failure with an error event, or with
-    ``log.error`` set when nothing was sent yet. The connection is closed, not pooled, when
-    the stream did not end cleanly. Cancelling is safe and is how a departed client stops
-    generation.
+    ``log.error`` set when nothing was sent yet. Cancelling is safe and is how a departed
+    client stops generation.
     """
-    upstream, log = job.upstream, job.log
-    response: aiohttp.ClientResponse | None = None
-    clean = False
+    log = job.log
     try:
-        response = await _open_stream(job)
-        clean = await _pump_events(job, response)
+        await dispatcher.run(job.route, functools.partial(_stream_attempt, job),
+                             committed=lambda: log.last_seq > 0)
     except asyncio.CancelledError:
         log.fail(UpstreamError("The stream was cancelled."), None)
         raise
-    except (aiohttp.ClientError, TimeoutError, SSEError, GatewayError) as exc:
-        error = map_client_error(upstream, exc)
-        if not isinstance(exc, GatewayError):
-            error_log.warning("upstream stream failed", extra={
-                "upstream": upstream.name, "error": type(exc).__name__, "events": log.last_seq})
+    except GatewayError as error:
         log.fail(error, error_frame(error))
+
+
+async def _stream_attempt(job: StreamJob, upstream: Upstream) -> None:
+    """One attempt: open the stream on ``upstream`` and pump it to its end. The connection
+    is closed, not pooled, when the stream did not end cleanly."""
+    job.upstream = upstream
+    body, job.injected_usage = job.request.upstream_body(upstream.config.inject_stream_usage)
+    response: aiohttp.ClientResponse | None = None
+    clean = False
+    try:
+        response = await _open_stream(upstream, job.request.endpoint.path, body, job.headers)
+        clean = await _pump_events(job, response)
+    except (aiohttp.ClientError, TimeoutError, SSEError) as exc:
+        if job.log.last_seq:
+            error_log.warning("upstream stream failed", extra={
+                "upstream": upstream.name, "error": type(exc).__name__, "events": job.log.last_seq})
+        raise map_client_error(upstream, exc) from None
     finally:
         if response is not None:
             response.release() if clean else response.close()
 
 
-async def _open_stream(job: StreamJob) -> aiohttp.ClientResponse:
-    upstream = job.upstream
-    async with asyncio.timeout(upstream.config.timeouts.first_byte_s):
-        response = await upstream.session.post(
-            upstream.url(job.request.endpoint.path), data=job.body,
-            headers=upstream.request_headers(job.headers), allow_redirects=False)
+async def _open_stream(upstream: Upstream, path: str, body: bytes, headers: Headers
+                       ) -> aiohttp.ClientResponse:
+    try:
+        async with asyncio.timeout(upstream.config.timeouts.first_byte_s):
+            response = await upstream.session.post(
+                upstream.url(path), data=body, headers=upstream.request_headers(headers),
+                allow_redirects=False)
+    except aiohttp.ServerDisconnectedError:
+        raise UpstreamConnectionError(f"Upstream {upstream.name} closed a pooled connection.",
+                                      stale=True) from None
     if response.status >= 300:
         try:
-            body = await response.read()
+            data = await response.read()
         finally:
             response.release()
-        raise upstream_status_error(upstream, response.status, body,
+        raise upstream_status_error(upstream, response.status, data,
                                     response.headers.get("Retry-After"))
     return response
 
 
 async def _pump_events(job: StreamJob, response: aiohttp.ClientResponse) -> bool:
     """Copy events until the upstream ends; returns whether it ended cleanly."""
-    log, parser = job.log, SSEParser()
-    deadline = asyncio.timeout(job.upstream.config.timeouts.first_byte_s)
+    log, parser, upstream = job.log, SSEParser(), job.upstream
+    assert upstream is not None
+    deadline = asyncio.timeout(upstream.config.timeouts.first_byte_s)
     waiting_first = True
     async with deadline:
         async for chunk in response.content.iter_any():
@@ -376,9 +557,10 @@ async def _pump_events(job: StreamJob, response: aiohttp.ClientResponse) -> bool
             if waiting_first and log.last_seq:
                 deadline.reschedule(None)  # first byte arrived; read_gap (sock_read) rules now
                 waiting_first = False
+            if log.backlogged:
+                await log.writable()  # a slow reader pauses the upstream read (backpressure)
     if job.request.endpoint.ends_with_done:
-        raise UpstreamConnectionError(
-            f"Upstream {job.upstream.name} ended the stream before [DONE].")
+        raise UpstreamConnectionError(f"Upstream {upstream.name} ended the stream before [DONE].")
     log.finish()
     return True
 

@@ -16,6 +16,11 @@ import enum
 import secrets
 from collections.abc import Callable
 
+import orjson
+
+from proxy.errors import GatewayError
+from proxy.sse import encode_event
+
 
 class StreamState(enum.Enum):
     """Where a stream's generation stands."""
@@ -25,52 +30,103 @@ class StreamState(enum.Enum):
     FAILED = "failed"  # ended by an error; the last frame (if any) is the error event
 
 
+def error_frame(error: GatewayError) -> bytes:
+    """The SSE event that ends a failed stream: ``data: {"error": {...}}`` (never ``[DONE]``:
+    SDKs take a stream that ends with ``[DONE]`` as a success)."""
+    return encode_event(orjson.dumps(error.to_body()))
+
+
 def new_stream_id() -> str:
     """A fresh, unguessable stream id: ``gs_`` + 24 hex characters (96 random bits)."""
     return "gs_" + secrets.token_hex(12)
 
 
+class StreamGapError(LookupError):
+    """The requested frames were dropped from the log (older than it retains);
+    ``earliest_seq`` is the oldest seq still held."""
+
+    def __init__(self, earliest_seq: int) -> None:
+        super().__init__(f"frames before seq {earliest_seq} are no longer retained")
+        self.earliest_seq = earliest_seq
+
+
+#: Unsent bytes at which the producer pauses (it resumes below half of it), and sent bytes
+#: kept for readers that start from an earlier seq. See ``StreamLog``.
+DEFAULT_BUFFER_BYTES = 256 * 1024
+DEFAULT_RETAIN_BYTES = 1024 * 1024
+
+
 class StreamLog:
-    """Frames of one streamed response, numbered 1..n, with cursor reads.
+    """Frames of one streamed response, numbered 1..n, with cursor reads and backpressure.
 
     Args:
         stream_id: the public id (``gs_…``).
         owner: the virtual key's name; only that key may read the stream.
+        buffer_bytes: unsent bytes (appended but not yet acknowledged by the slowest
+            attached reader) at which ``writable()`` makes the producer wait; it resumes
+            below half of it.
+        retain_bytes: bytes of already-sent frames kept for readers that start over from an
+            earlier seq; older sent frames are dropped.
+
+    Memory bound per stream: ``retain_bytes + buffer_bytes`` plus what the producer appends
+    between two checks (one upstream read: the events in one chunk of at most 64 KiB, as
+    aiohttp's reads hand them over) — so a slow reader slows the upstream read instead of
+    growing memory.
 
     Attributes:
+        first_seq: seq of ``frames[0]`` (frames before it were dropped).
         error: the failure of a stream that ended before its first frame, else ``None``;
             the request handler turns it into an HTTP error status.
         readers: how many client writers are attached.
         producer: the task that fills this log, or ``None`` once it ended.
     """
 
-    __slots__ = ("stream_id", "owner", "frames", "bytes_total", "state", "error",
-                 "readers", "producer", "_changed")
+    __slots__ = ("stream_id", "owner", "frames", "first_seq", "bytes_total", "acked_seq",
+                 "bytes_acked", "bytes_dropped", "state", "error", "readers", "producer",
+                 "buffer_bytes", "retain_bytes", "_changed", "_drained")
 
-    def __init__(self, stream_id: str, owner: str) -> None:
+    def __init__(self, stream_id: str, owner: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                 retain_bytes: int = DEFAULT_RETAIN_BYTES) -> None:
         self.stream_id = stream_id
         self.owner = owner
         self.frames: list[bytes] = []
+        self.first_seq = 1
         self.bytes_total = 0
+        self.acked_seq = 0
+        self.bytes_acked = 0
+        self.bytes_dropped = 0
         self.state = StreamState.RUNNING
         self.error: BaseException | None = None
         self.readers = 0
         self.producer: asyncio.Task[None] | None = None
+        self.buffer_bytes = buffer_bytes
+        self.retain_bytes = retain_bytes
         self._changed: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
-        return (f"<StreamLog {self.stream_id} [{self.state.value}, {len(self.frames)} events, "
-                f"{self.bytes_total} bytes | readers: {self.readers}]>")
+        return (f"<StreamLog {self.stream_id} [{self.state.value}, {self.last_seq} events, "
+                f"{self.bytes_total} bytes, {self.unsent_bytes} unsent | readers: {self.readers}]>")
 
     @property
     def last_seq(self) -> int:
         """The seq of the newest frame; 0 when there is none."""
-        return len(self.frames)
+        return self.first_seq - 1 + len(self.frames)
 
     @property
     def closed(self) -> bool:
         """True once no more frames will be appended."""
         return self.state is not StreamState.RUNNING
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes appended but not yet acknowledged by the reader."""
+        return self.bytes_total - self.bytes_acked
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of frames held in memory now."""
+        return self.bytes_total - self.bytes_dropped
 
     def append(self, frame: bytes) -> int:
         """Add one encoded SSE frame (without its ``id:`` line) and wake readers; returns its seq.
@@ -83,7 +139,7 @@ class StreamLog:
         self.frames.append(frame)
         self.bytes_total += len(frame)
         self._wake()
-        return len(self.frames)
+        return self.last_seq
 
     def finish(self, final_frame: bytes | None = None) -> None:
         """End the stream normally, optionally appending the terminal frame first."""
@@ -101,25 +157,75 @@ class StreamLog:
         """
         if self.closed:
             return
-        if self.frames and error_frame is not None:
+        if self.last_seq and error_frame is not None:
             self.append(error_frame)
-        elif not self.frames:
+        elif not self.last_seq:
             self.error = error
         self._close(StreamState.FAILED)
 
     def read(self, after_seq: int) -> list[bytes]:
-        """Frames with seq > ``after_seq``, oldest first (empty when none yet)."""
-        return self.frames[after_seq:] if after_seq < len(self.frames) else []
+        """Frames with seq > ``after_seq``, oldest first (empty when none yet).
+
+        Raises:
+            StreamGapError: frame ``after_seq + 1`` was already dropped.
+        """
+        start = after_seq - (self.first_seq - 1)
+        if start < 0:
+            raise StreamGapError(self.first_seq)
+        return self.frames[start:] if start < len(self.frames) else []
 
     async def wait(self, after_seq: int) -> None:
         """Return once a frame with seq > ``after_seq`` exists or the log is closed.
 
         Cancelling is safe: nothing is consumed by waiting.
         """
-        while after_seq >= len(self.frames) and not self.closed:
+        while after_seq >= self.last_seq and not self.closed:
             if self._changed is None:
                 self._changed = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._changed)
+
+    def ack(self, seq: int) -> None:
+        """The reader has written every frame up to ``seq``: count them as sent, drop sent
+        frames beyond ``retain_bytes``, and let a paused producer go on below half of
+        ``buffer_bytes``."""
+        seq = min(seq, self.last_seq)
+        if seq <= self.acked_seq:
+            return
+        start = self.acked_seq - (self.first_seq - 1)
+        self.bytes_acked += sum(len(f) for f in self.frames[max(0, start):seq - (self.first_seq - 1)])
+        self.acked_seq = seq
+        self._trim()
+        if self._drained is not None and self.unsent_bytes <= self.buffer_bytes // 2:
+            self._release_producer()
+
+    def _trim(self) -> None:
+        retained_sent = self.bytes_acked - self.bytes_dropped
+        drop = 0
+        while retained_sent > self.retain_bytes and self.first_seq + drop <= self.acked_seq:
+            retained_sent -= len(self.frames[drop])
+            drop += 1
+        if drop:
+            self.bytes_dropped += sum(len(f) for f in self.frames[:drop])
+            del self.frames[:drop]
+            self.first_seq += drop
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether the producer should wait (``writable()``) before reading more upstream."""
+        return self.unsent_bytes > self.buffer_bytes and self.readers > 0
+
+    async def writable(self) -> None:
+        """Wait while the reader is more than ``buffer_bytes`` behind (returns at once when
+        no reader is attached or the log is closed). Cancelling is safe."""
+        while self.backlogged and not self.closed:
+            if self._drained is None:
+                self._drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drained)
+
+    def _release_producer(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
     def _wake(self) -> None:
         changed, self._changed = self._changed, None
@@ -129,6 +235,7 @@ class StreamLog:
     def _close(self, state: StreamState) -> None:
         self.state = state
         self._wake()
+        self._release_producer()
 
 
 class StreamRegistry:
@@ -140,11 +247,16 @@ class StreamRegistry:
 
     Args:
         id_factory: makes stream ids (default ``new_stream_id``).
+        buffer_bytes, retain_bytes: passed to every ``StreamLog``.
     """
 
-    def __init__(self, id_factory: Callable[[], str] = new_stream_id) -> None:
+    def __init__(self, id_factory: Callable[[], str] = new_stream_id,
+                 buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                 retain_bytes: int = DEFAULT_RETAIN_BYTES) -> None:
         self._logs: dict[str, StreamLog] = {}
         self._id_factory = id_factory
+        self.buffer_bytes = buffer_bytes
+        self.retain_bytes = retain_bytes
 
     def __repr__(self) -> str:
         running = sum(1 for log in self._logs.values() if not log.closed)
@@ -155,7 +267,7 @@ class StreamRegistry:
 
     def create(self, owner: str) -> StreamLog:
         """Register a new running log owned by the key named ``owner``, with one reader attached."""
-        log = StreamLog(self._id_factory(), owner)
+        log = StreamLog(self._id_factory(), owner, self.buffer_bytes, self.retain_bytes)
         log.readers = 1
         self._logs[log.stream_id] = log
         return log
@@ -170,9 +282,19 @@ class StreamRegistry:
         log.readers = max(0, log.readers - 1)
         if log.readers:
             return
+        log._release_producer()
         if log.producer is not None and not log.producer.done():
             log.producer.cancel()
         self._logs.pop(log.stream_id, None)
+
+    def fail_all(self, error: GatewayError) -> None:
+        """End every running stream with ``error`` (its readers write the error event and
+        finish) and cancel their producers (shutdown after the drain)."""
+        for log in list(self._logs.values()):
+            if not log.closed:
+                log.fail(error, error_frame(error))
+            if log.producer is not None and not log.producer.done():
+                log.producer.cancel()
 
     def cancel_all(self) -> list[asyncio.Task[None]]:
         """Cancel every running producer (shutdown); returns the tasks to await."""

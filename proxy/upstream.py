@@ -8,6 +8,8 @@ are never followed (a redirect from an upstream is answered to the client as the
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -86,7 +88,7 @@ class Upstream:
         """Open the keep-alive pool. Call once, from the running loop."""
         timeouts = self.config.timeouts
         self._connector = aiohttp.TCPConnector(
-            limit=self.config.max_connections,
+            limit=self.config.slots,
             limit_per_host=0,
             keepalive_timeout=self.config.keepalive_expiry_s,
             ttl_dns_cache=300,
@@ -108,6 +110,18 @@ class Upstream:
             await self._session.close()
         self._session = None
         self._connector = None
+
+    async def probe(self, path: str, timeout_s: float) -> bool:
+        """One active health probe: ``GET <base_url><path>``; True on a 2xx within
+        ``timeout_s``. Never raises (cancelling is safe)."""
+        try:
+            async with asyncio.timeout(timeout_s), self.session.get(
+                self.url(path), headers=self._fixed_headers, allow_redirects=False
+            ) as response:
+                await response.read()
+                return 200 <= response.status < 300
+        except (aiohttp.ClientError, TimeoutError, RuntimeError):
+            return False
 
     def pool_stats(self) -> dict[str, int]:
         """Connections of the pool: ``in_use`` (checked out) and ``idle`` (kept alive)."""

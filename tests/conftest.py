@@ -64,6 +64,9 @@ def base_config(upstream_url: str) -> dict[str, Any]:
                 "api_key": UPSTREAM_KEY,
                 "models": ["*"],
                 "timeouts": {"connect": "2s", "first_byte": "10s", "read_gap": "10s"},
+                # Probes would add GET /v1/models to the mock's request counts; the health
+                # tests turn them on explicitly.
+                "health_check": {"enabled": False},
             }
         },
         "keys": {

@@ -89,11 +89,11 @@ async def readyz(http: aiohttp.ClientSession) -> dict[str, Any]:
 
 async def test_readyz_lists_upstreams_with_in_flight_and_pool(http: aiohttp.ClientSession) -> None:
     assert await readyz(http) == {"status": "ready", "upstreams": {
-        "mock": {"in_flight": 0, "pool": {"in_use": 0, "idle": 0}}}}
+        "mock": {"state": "healthy", "in_flight": 0, "queued": 0, "pool": {"in_use": 0, "idle": 0}}}}
     async with http.post("/v1/chat/completions", json=CHAT_BODY) as response:
         await response.read()
     assert (await readyz(http))["upstreams"]["mock"] == {
-        "in_flight": 0, "pool": {"in_use": 0, "idle": 1}}
+        "state": "healthy", "in_flight": 0, "queued": 0, "pool": {"in_use": 0, "idle": 1}}
 
 
 async def test_readyz_counts_a_running_stream(http: aiohttp.ClientSession) -> None:
@@ -104,7 +104,7 @@ async def test_readyz_counts_a_running_stream(http: aiohttp.ClientSession) -> No
         assert response.status == 200
         await response.content.readuntil(b"\n\n")  # the stream is running
         assert (await readyz(http))["upstreams"]["mock"] == {
-            "in_flight": 1, "pool": {"in_use": 1, "idle": 0}}
+            "state": "healthy", "in_flight": 1, "queued": 0, "pool": {"in_use": 1, "idle": 0}}
 
 
 async def test_cleanup_closes_upstream_sessions(start_gateway: StartGateway,
@@ -146,6 +146,9 @@ async def test_metrics_count_upstream_errors_by_status(http: aiohttp.ClientSessi
     body = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
     async with http.post("/v1/chat/completions", json=body, headers={"x-mock-status": "503"}) as resp:
         assert resp.status == 503
+        assert resp.headers["x-should-retry"] == "false"  # the gateway already retried
     async with http.get("/metrics") as resp:
         text = await resp.text()
-    assert 'shepherd_upstream_errors_total{kind="http_503",upstream="mock"} 1.0' in text
+    # routing.retry.attempts defaults to 3: three attempts, two of them retries
+    assert 'shepherd_upstream_errors_total{kind="http_503",upstream="mock"} 3.0' in text
+    assert 'shepherd_retries_total{reason="http_503",upstream="mock"} 2.0' in text

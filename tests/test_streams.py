@@ -192,9 +192,10 @@ def test_log_repr_shows_state() -> None:
     log = StreamLog("gs_abc", "alice")
     log.readers = 2
     log.append(b"12345")
-    assert repr(log) == "<StreamLog gs_abc [running, 1 events, 5 bytes | readers: 2]>"
+    assert repr(log) == "<StreamLog gs_abc [running, 1 events, 5 bytes, 5 unsent | readers: 2]>"
+    log.ack(1)
     log.fail(RuntimeError("x"), b"err")
-    assert repr(log) == "<StreamLog gs_abc [failed, 2 events, 8 bytes | readers: 2]>"
+    assert repr(log) == "<StreamLog gs_abc [failed, 2 events, 8 bytes, 3 unsent | readers: 2]>"
 
 
 # --- StreamRegistry -------------------------------------------------------------------------
