@@ -41,6 +41,7 @@ class _Waiter:
     seq: int
     candidates: frozenset[str] = field(compare=False)
     future: asyncio.Future[str] = field(compare=False)
+    served: bool = field(default=False, compare=False)  # handed a slot; no longer queued
 
 
 #: Picks one deployment among those with a free slot (the balancer's choice).
@@ -147,9 +148,13 @@ class Admission:
         finally:
             if not future.done():
                 future.cancel()  # release() skips it from now on
-            self._queued[key] -= 1
-            if not self._queued[key]:
-                del self._queued[key]
+            if not waiter.served:
+                self._dequeue(key)
+
+    def _dequeue(self, key: frozenset[str]) -> None:
+        self._queued[key] -= 1
+        if not self._queued[key]:
+            del self._queued[key]
 
     def release(self, name: str) -> None:
         """Give back a slot of ``name``; the first waiter that ``name`` can serve gets it."""
@@ -163,6 +168,8 @@ class Admission:
                 skipped.append(waiter)
                 continue
             self._in_flight[name] += 1
+            waiter.served = True
+            self._dequeue(waiter.candidates)  # counted as in flight now, not as queued
             waiter.future.set_result(name)
         for waiter in skipped:
             heapq.heappush(self._heap, waiter)

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -28,6 +29,11 @@ from proxy.observability import Metrics, Sample, configure_logging, flush_logs_p
 from proxy.relay import Dispatcher
 from proxy.streams import StreamRegistry
 from proxy.upstream import Upstream
+
+#: A supervisor that restarts more than MAX_RESTARTS workers within RESTART_WINDOW_S seconds
+#: gives up (a worker crashing at start-up would otherwise be restarted forever).
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 30.0
 
 #: After the drain (``_on_shutdown``), how long aiohttp waits for handlers to write their
 #: last bytes before it closes their connections.
@@ -265,12 +271,20 @@ def supervise_workers(settings: Settings, bind: tuple[str, int], count: int) -> 
     procs = [start() for _ in range(count)]
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    restarts: list[float] = []
     while not stopping:
         for i, proc in enumerate(procs):
             proc.join(timeout=0.2)
-            if proc.exitcode is not None and not stopping:
-                log.warning("worker exited; restarting", extra={"pid": proc.pid, "code": proc.exitcode})
-                procs[i] = start()
+            if proc.exitcode is None or stopping:
+                continue
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+            if len(restarts) > MAX_RESTARTS:
+                log.error("workers keep exiting; stopping", extra={"restarts": len(restarts)})
+                stop(signal.SIGTERM, None)
+                break
+            log.warning("worker exited; restarting", extra={"pid": proc.pid, "code": proc.exitcode})
+            procs[i] = start()
     for proc in procs:
         proc.join()
-    return 0 if all(proc.exitcode == 0 for proc in procs) else 1
+    return 0 if all(proc.exitcode == 0 for proc in procs) and len(restarts) <= MAX_RESTARTS else 1

@@ -160,7 +160,8 @@ class Balancer:
                                code="no_healthy_upstream", retry_after_s=retry_after_s)
 
     def choose(self, free: list[str]) -> str:
-        """Power of two choices among ``free``, weighted; fewer in flight per weight wins."""
+        """Power of two choices among ``free``: two draws in proportion to weight, the one with
+        fewer requests in flight per unit of weight wins (ties: the first draw)."""
         if len(free) == 1:
             return free[0]
         weights = [self.specs[n].weight for n in free]
@@ -168,7 +169,12 @@ class Balancer:
         second = self._rng.choices(free, weights)[0]
         if second == first:
             second = self._rng.choice([n for n in free if n != first])
-        return min((first, second), key=lambda n: (self.in_flight(n) + 1) / self.specs[n].weight)
+        # Lower load per weight wins; a tie keeps the first draw, itself weighted, so an idle
+        # pool is shared in proportion to weight.
+        def load(name: str) -> float:
+            return self.in_flight(name) / self.specs[name].weight
+
+        return second if load(second) < load(first) else first
 
     def default_for(self, allowed: tuple[str, ...]) -> str:
         """The deployment for a request that names no model (passthrough paths): the first,

@@ -6,6 +6,9 @@ every gateway, whatever their skew), and sets a TTL on every key it writes, in t
 step. It is loaded once and called with EVALSHA (redis-py's ``Script`` reloads it on
 NOSCRIPT).
 
+A call that times out may still run once Redis is free; its acquires are then cancelled (leases
+released, budget reservations refunded) with the next batch that gets through.
+
 Calls are micro-batched: the operations issued during one event-loop iteration go to Redis
 in one EVALSHA, each still applied atomically and in order. Under load this turns hundreds
 of round trips into a handful without delaying a lone request (the batch is sent on the next
@@ -30,6 +33,16 @@ from proxy.limits import CONCURRENCY_RETRY_S, Demand, ScopeReport, StoreUnavaila
 
 #: The most operations sent in one EVALSHA.
 MAX_BATCH = 256
+
+#: The most timed-out acquires remembered for cancelling (the oldest are forgotten; their
+#: leases then expire with ``limits.lease_ttl``).
+MAX_ORPHANS = 10_000
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a background op's outcome so a failure is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 LUA = r"""
 local prefix = ARGV[1]
@@ -133,6 +146,8 @@ local function check_budget(op, res, commits)
   table.insert(commits, function()
     redis.call('HINCRBY', key, 'tok', op.tok)
     redis.call('HINCRBYFLOAT', key, 'usd', string.format('%.12f', op.usd))
+    -- the reservation, so a cancel after a timed-out call can refund exactly what was charged
+    redis.call('HSET', key, 'r:' .. op.id, op.tok .. ' ' .. string.format('%.12f', op.usd))
     redis.call('PEXPIREAT', key, (window + 2) * period)
   end)
 end
@@ -161,9 +176,29 @@ local function settle(op)
   end
   if op.b[4] > 0 and op.w >= 0 then
     local key = budget_key(op.b, op.w)
-    if redis.call('EXISTS', key) == 1 then
+    if redis.call('HDEL', key, 'r:' .. op.id) == 1 then
       redis.call('HINCRBY', key, 'tok', delta)
       redis.call('HINCRBYFLOAT', key, 'usd', string.format('%.12f', op.ausd - op.usd))
+    end
+  end
+  return {1}
+end
+
+-- Undo an acquire whose answer never reached the gateway (the call timed out): release its
+-- leases and refund its budget reservation if it was charged. Idempotent; the token bucket
+-- is left alone (it refills within a minute).
+local function cancel(op)
+  for _, sc in ipairs(op.s) do
+    if sc[5] > 0 then redis.call('ZREM', prefix .. sc[1] .. ':leases', op.id) end
+  end
+  if op.b[4] > 0 then
+    local key = budget_key(op.b, math.floor(now / op.b[4]))
+    local held = redis.call('HGET', key, 'r:' .. op.id)
+    if held then
+      local tok, usd = string.match(held, '^(%S+) (%S+)$')
+      redis.call('HINCRBY', key, 'tok', -tonumber(tok))
+      redis.call('HINCRBYFLOAT', key, 'usd', string.format('%.12f', -tonumber(usd)))
+      redis.call('HDEL', key, 'r:' .. op.id)
     end
   end
   return {1}
@@ -180,6 +215,7 @@ local out = {}
 for i, op in ipairs(ops) do
   if op.t == 'a' then out[i] = acquire(op)
   elseif op.t == 's' then out[i] = settle(op)
+  elseif op.t == 'c' then out[i] = cancel(op)
   else out[i] = refresh(op) end
 end
 return cjson.encode(out)
@@ -248,6 +284,7 @@ class RedisLimitStore:
         self.lease_ttl_ms = int(lease_ttl_s * 1000)
         self._pending: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
         self._inflight: set[asyncio.Task[None]] = set()
+        self._orphans: list[dict[str, Any]] = []  # acquires to cancel once Redis answers again
 
     def __repr__(self) -> str:
         return f"<RedisLimitStore [pending: {len(self._pending)}, batches in flight: {len(self._inflight)}]>"
@@ -289,6 +326,13 @@ class RedisLimitStore:
         return future
 
     def _flush(self) -> None:
+        if self._orphans:  # cancels go first, so a slot they free serves this very batch
+            loop = asyncio.get_running_loop()
+            cancels = [(op, loop.create_future()) for op in self._orphans]
+            self._orphans = []
+            for _, future in cancels:
+                future.add_done_callback(_consume)
+            self._pending[:0] = cancels
         while self._pending:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             task = asyncio.get_running_loop().create_task(self._run(batch))
@@ -305,6 +349,10 @@ class RedisLimitStore:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(StoreUnavailable(f"{type(exc).__name__}: {exc}"))
+            # The script may still run once Redis is free: undo its acquires (and retry
+            # undos that failed too) ahead of the next batch.
+            self._orphans.extend({**op, "t": "c"} for op, _ in batch if op["t"] in ("a", "c"))
+            del self._orphans[:-MAX_ORPHANS]
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():

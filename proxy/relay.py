@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import math
 import random
@@ -387,28 +388,41 @@ class Dispatcher:
                         committed: Callable[[], bool]) -> T:
         tried: set[str] = set()
         last: GatewayError | None = None
-        stale_retried = False
-        n = 0
-        while True:
-            name = await self._slot(route, tried, last)
-            try:
-                result = await attempt(self.upstreams[name])
-            except GatewayError as exc:
-                self._record(name, exc)
-                if isinstance(exc, UpstreamConnectionError) and exc.stale and not stale_retried:
-                    stale_retried = True  # a dead pooled connection: once more, at once
-                    continue
-                last = exc
-            else:
-                self.balancer.record_success(name)
-                return result
-            finally:
-                self.admission.release(name)
-                if n:
-                    self.budget.end_retry()
-            n += 1
-            tried.add(name)
-            await self._before_retry(last, n, committed, name)
+        retry_held = False  # a retry taken from the budget and not yet given back
+        try:
+            for n in itertools.count(1):
+                name = await self._slot(route, tried, last)
+                try:
+                    result = await self._attempt_on_slot(self.upstreams[name], attempt)
+                except GatewayError as exc:
+                    self._record(name, exc)
+                    last = exc
+                else:
+                    self.balancer.record_success(name)
+                    return result
+                finally:
+                    self.admission.release(name)
+                    if retry_held:
+                        self.budget.end_retry()
+                        retry_held = False
+                tried.add(name)
+                await self._before_retry(last, n, committed, name)
+                retry_held = True
+            raise AssertionError("unreachable")  # pragma: no cover - count() never ends
+        finally:
+            if retry_held:  # cancelled in the backoff, or nowhere left to retry
+                self.budget.end_retry()
+
+    @staticmethod
+    async def _attempt_on_slot(upstream: Upstream, attempt: Callable[[Upstream], Awaitable[T]]) -> T:
+        """One attempt; a pooled connection found dead before any response is redone once,
+        at once, on the same deployment and slot (not a retry: nothing reached the upstream)."""
+        try:
+            return await attempt(upstream)
+        except UpstreamConnectionError as exc:
+            if not exc.stale:
+                raise
+        return await attempt(upstream)
 
     async def _slot(self, route: Route, tried: set[str], last: GatewayError | None) -> str:
         try:
@@ -421,13 +435,12 @@ class Dispatcher:
 
     async def _before_retry(self, error: GatewayError | None, n: int, committed: Callable[[], bool],
                             name: str) -> None:
+        """Raise ``error`` unless another attempt may follow; then take a retry from the
+        budget and wait the backoff. ``n``: attempts made so far."""
         assert error is not None
-        if committed() or not is_retryable(error):
+        if committed() or not is_retryable(error) or n >= self.retry.attempts:
             if n > 1:
-                error.should_retry = False
-            raise error
-        if n >= self.retry.attempts:
-            error.should_retry = False
+                error.should_retry = False  # the gateway already retried
             raise error
         if not self.budget.try_retry():
             self.events.count_retry_budget_exhausted()

@@ -1,107 +1,474 @@
-"""proxy/balancer.py: model routing and least-in-flight picks."""
+"""proxy/balancer.py: model routing, health (probes, outlier ejection, cooldown), tiers, the
+weighted power-of-two-choices pick, and the retry budget. Sans-I/O: a fake clock and a seeded
+rng drive everything."""
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+from typing import Any
+
 import pytest
 
-from proxy.balancer import Balancer
-from proxy.errors import ModelNotFoundError
+from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
+from proxy.errors import ModelNotFoundError, OverloadedError
 
 ANY = ("*",)
 
 
+class FakeClock:
+    """Monotonic seconds that only move when the test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def specs(*items: DeploymentSpec) -> dict[str, DeploymentSpec]:
+    return {spec.name: spec for spec in items}
+
+
+def make(*items: DeploymentSpec, clock: FakeClock | None = None, seed: int = 7,
+         model_upstreams: dict[str, tuple[str, ...]] | None = None,
+         max_ejection_percent: float = 50.0,
+         in_flight: dict[str, int] | None = None) -> Balancer:
+    counts = in_flight if in_flight is not None else {}
+    return Balancer(specs(*items), model_upstreams, max_ejection_percent,
+                    in_flight=lambda name: counts.get(name, 0),
+                    clock=clock or FakeClock(), rng=random.Random(seed))
+
+
 @pytest.fixture
-def balancer() -> Balancer:
-    return Balancer({
-        "openai": ("gpt-4o", "gpt-4o-mini", "gpt-3.5*"),
-        "vllm-a": ("llama-3", "qwen*"),
-        "vllm-b": ("llama-3",),
-        "azure": ("gpt-4o",),
-    })
+def clock() -> FakeClock:
+    return FakeClock()
 
 
-@pytest.mark.parametrize(
-    ("model", "expected"),
-    [("gpt-4o-mini", "openai"), ("gpt-3.5-turbo", "openai"), ("qwen2-7b", "vllm-a")],
-)
-def test_routes_by_pattern(balancer: Balancer, model: str, expected: str) -> None:
-    assert balancer.route(model, ANY) == expected
+@pytest.fixture
+def routing() -> Balancer:
+    return make(
+        DeploymentSpec("openai", ("gpt-4o", "gpt-4o-mini", "gpt-3.5*")),
+        DeploymentSpec("vllm-a", ("llama-3", "qwen*")),
+        DeploymentSpec("vllm-b", ("llama-3",)),
+        DeploymentSpec("azure", ("gpt-4o",)),
+        model_upstreams={"house-model": ("vllm-b",)},
+    )
 
 
-def test_deployments_for_in_config_order(balancer: Balancer) -> None:
-    assert balancer.deployments_for("gpt-4o") == ("openai", "azure")
-    assert balancer.deployments_for("llama-3") == ("vllm-a", "vllm-b")
-    assert balancer.deployments_for("llama-3.1") == ()
+def pair(clock: FakeClock, **overrides: Any) -> Balancer:
+    """Two same-tier deployments of ``m``; ``a`` and ``b`` share ``overrides``."""
+    return make(DeploymentSpec("a", ("m",), **overrides), DeploymentSpec("b", ("m",), **overrides),
+                clock=clock)
 
 
-def test_unknown_model_is_model_not_found(balancer: Balancer) -> None:
-    with pytest.raises(ModelNotFoundError) as info:
-        balancer.route("claude-3", ANY)
-    assert info.value.http_status == 404
-    assert "claude-3" in info.value.message
+def fail(balancer: Balancer, name: str, times: int) -> list[bool]:
+    return [balancer.record_failure(name) for _ in range(times)]
 
 
-def test_model_the_key_may_not_use_answers_like_an_unknown_one(balancer: Balancer) -> None:
-    with pytest.raises(ModelNotFoundError) as forbidden:
-        balancer.route("gpt-4o", ("llama-*",))
-    with pytest.raises(ModelNotFoundError) as unknown:
-        balancer.route("gpt-5", ("gpt-*",))
-    assert forbidden.value.to_body()["error"]["code"] == unknown.value.to_body()["error"]["code"]
-    assert balancer.route("llama-3", ("llama-*",)) in {"vllm-a", "vllm-b"}
+# --- routing -------------------------------------------------------------------------------
+
+
+def test_deployments_for_matches_patterns_in_config_order(routing: Balancer) -> None:
+    assert routing.deployments_for("gpt-4o") == ("openai", "azure")
+    assert routing.deployments_for("gpt-3.5-turbo") == ("openai",)
+    assert routing.deployments_for("qwen2-7b") == ("vllm-a",)
+    assert routing.deployments_for("llama-3") == ("vllm-a", "vllm-b")
+    assert routing.deployments_for("llama-3.1") == ()
+
+
+def test_deployments_for_includes_models_upstreams(routing: Balancer) -> None:
+    assert routing.deployments_for("house-model") == ("vllm-b",)
+    routing.require("house-model", ANY)
+    assert routing.candidates("house-model", ANY) == ["vllm-b"]
 
 
 def test_catch_all_deployment_serves_any_model() -> None:
-    balancer = Balancer({"specific": ("gpt-4o",), "fallback": ("*",)})
-    assert balancer.route("whatever/model", ANY) == "fallback"
+    balancer = make(DeploymentSpec("specific", ("gpt-4o",)), DeploymentSpec("fallback", ("*",)))
+    assert balancer.deployments_for("whatever/model") == ("fallback",)
     assert balancer.deployments_for("gpt-4o") == ("specific", "fallback")
 
 
-def test_least_in_flight_pick(balancer: Balancer) -> None:
-    assert balancer.route("llama-3", ANY) == "vllm-a"  # tie → config order
-    balancer.acquire("vllm-a")
-    assert balancer.route("llama-3", ANY) == "vllm-b"
-    balancer.acquire("vllm-b")
-    assert balancer.route("llama-3", ANY) == "vllm-a"  # tie again
-    balancer.acquire("vllm-b")
-    assert balancer.route("llama-3", ANY) == "vllm-a"
-    balancer.release("vllm-a")
-    assert (balancer.in_flight("vllm-a"), balancer.in_flight("vllm-b")) == (0, 2)
-    balancer.release("vllm-b")
-    balancer.release("vllm-b")
-    assert balancer.route("llama-3", ANY) == "vllm-a"
+def test_require_unknown_model_is_model_not_found(routing: Balancer) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        routing.require("claude-3", ANY)
+    assert info.value.http_status == 404
+    assert info.value.code == "model_not_found"
+    assert "claude-3" in info.value.message
 
 
-def test_pick_spreads_concurrent_requests(balancer: Balancer) -> None:
-    picks = []
-    for _ in range(6):
-        name = balancer.route("gpt-4o", ANY)
-        balancer.acquire(name)
-        picks.append(name)
-    assert picks.count("openai") == picks.count("azure") == 3
+def test_model_the_key_may_not_use_answers_like_an_unknown_one(routing: Balancer) -> None:
+    with pytest.raises(ModelNotFoundError) as forbidden:
+        routing.require("gpt-4o", ("llama-*",))
+    with pytest.raises(ModelNotFoundError) as unknown:
+        routing.require("gpt-5", ("gpt-*",))
+    assert forbidden.value.code == unknown.value.code == "model_not_found"
+    with pytest.raises(ModelNotFoundError):
+        routing.candidates("gpt-4o", ("llama-*",))
+    routing.require("llama-3", ("llama-*",))
+    assert routing.candidates("llama-3", ("llama-*",)) == ["vllm-a", "vllm-b"]
 
 
-def test_release_never_goes_below_zero(balancer: Balancer) -> None:
-    balancer.release("azure")
-    balancer.release("azure")
-    assert balancer.in_flight("azure") == 0
-    balancer.acquire("azure")
-    assert balancer.in_flight("azure") == 1
+def test_require_passes_even_when_every_deployment_is_down(routing: Balancer) -> None:
+    for _ in range(3):
+        routing.record_probe("azure", False)
+        routing.record_probe("openai", False)
+    routing.require("gpt-4o", ANY)  # 404 is only for models nothing serves
+    with pytest.raises(OverloadedError):
+        routing.candidates("gpt-4o", ANY)
 
 
-def test_repr_shows_in_flight(balancer: Balancer) -> None:
-    balancer.acquire("vllm-b")
-    assert repr(balancer) == "<Balancer [in flight: openai: 0, vllm-a: 0, vllm-b: 1, azure: 0]>"
-
-
-def test_default_for(balancer: Balancer) -> None:
-    assert balancer.default_for(ANY) == "openai"
-    assert balancer.default_for(("llama-*",)) == "vllm-a"
-    assert balancer.default_for(("qwen*",)) == "vllm-a"
-    assert balancer.default_for(("nothing-matches",)) == "openai"
-    catch_all = Balancer({"a": ("gpt-4o",), "b": ("*",)})
+def test_default_for_and_explicit_models(routing: Balancer) -> None:
+    assert routing.default_for(ANY) == "openai"
+    assert routing.default_for(("llama-*",)) == "vllm-a"
+    assert routing.default_for(("nothing-matches",)) == "openai"
+    assert routing.explicit_models() == ["house-model", "gpt-4o", "gpt-4o-mini", "llama-3"]
+    catch_all = make(DeploymentSpec("a", ("gpt-4o",)), DeploymentSpec("b", ("*",)))
     assert catch_all.default_for(("llama-3",)) == "b"
+    assert make(DeploymentSpec("x", ("*",)), DeploymentSpec("y", ("m[12]", "m?"))).explicit_models() == []
 
 
-def test_explicit_models(balancer: Balancer) -> None:
-    assert balancer.explicit_models() == ["gpt-4o", "gpt-4o-mini", "llama-3"]
-    assert Balancer({"x": ("*",), "y": ("m[12]", "m?")}).explicit_models() == []
+# --- tiers -----------------------------------------------------------------------------------
+
+
+def tiered(clock: FakeClock) -> Balancer:
+    return make(DeploymentSpec("p0-a", ("m",), priority=0),
+                DeploymentSpec("p0-b", ("m",), priority=0),
+                DeploymentSpec("p1", ("m",), priority=1, unhealthy_threshold=1),
+                clock=clock, max_ejection_percent=100)
+
+
+def test_candidates_are_the_best_priority_tier_only(clock: FakeClock) -> None:
+    balancer = tiered(clock)
+    assert balancer.candidates("m", ANY) == ["p0-a", "p0-b"]
+
+
+def test_lower_tier_takes_traffic_only_when_the_best_tier_is_out(clock: FakeClock) -> None:
+    balancer = tiered(clock)
+    for name in ("p0-a", "p0-b"):
+        for _ in range(3):
+            balancer.record_probe(name, False)
+    assert balancer.candidates("m", ANY) == ["p1"]
+    for _ in range(2):
+        balancer.record_probe("p0-b", True)
+    assert balancer.candidates("m", ANY) == ["p0-b"]
+
+
+def test_exclude_prefers_untried_deployments(clock: FakeClock) -> None:
+    balancer = tiered(clock)
+    assert balancer.candidates("m", ANY, frozenset({"p0-a"})) == ["p0-b"]
+    # Both of the best tier tried: the next tier is untried, so it goes there.
+    assert balancer.candidates("m", ANY, frozenset({"p0-a", "p0-b"})) == ["p1"]
+
+
+def test_exclude_falls_back_to_tried_ones_when_nothing_else_is_left(clock: FakeClock) -> None:
+    balancer = tiered(clock)
+    everything = frozenset({"p0-a", "p0-b", "p1"})
+    assert balancer.candidates("m", ANY, everything) == ["p0-a", "p0-b"]
+    single = make(DeploymentSpec("only", ("m",)))
+    assert single.candidates("m", ANY, frozenset({"only"})) == ["only"]
+
+
+# --- active probes --------------------------------------------------------------------------
+
+
+def test_probes_mark_unhealthy_after_threshold_and_healthy_again(clock: FakeClock) -> None:
+    balancer = pair(clock, unhealthy_threshold=3, healthy_threshold=2)
+    assert [balancer.record_probe("a", False) for _ in range(4)] == [None, None, False, None]
+    assert balancer.status("a") == "unhealthy"
+    assert balancer.candidates("m", ANY) == ["b"]
+    assert [balancer.record_probe("a", True) for _ in range(3)] == [None, True, None]
+    assert balancer.status("a") == "healthy"
+    assert balancer.candidates("m", ANY) == ["a", "b"]
+
+
+def test_a_success_breaks_a_failing_probe_streak(clock: FakeClock) -> None:
+    balancer = pair(clock, unhealthy_threshold=2, healthy_threshold=2)
+    assert balancer.record_probe("a", False) is None
+    assert balancer.record_probe("a", True) is None
+    assert balancer.record_probe("a", False) is None  # streak restarted
+    assert balancer.status("a") == "healthy"
+    assert balancer.record_probe("a", False) is False
+    assert balancer.record_probe("a", True) is None
+    assert balancer.record_probe("a", False) is None  # a success does not count towards healthy
+    assert balancer.record_probe("a", True) is None
+    assert balancer.record_probe("a", True) is True
+
+
+def test_probe_recovery_clears_an_ejection(clock: FakeClock) -> None:
+    balancer = pair(clock, consecutive_failures=1, unhealthy_threshold=1, healthy_threshold=1)
+    assert balancer.record_failure("a") is True
+    balancer.record_probe("a", False)
+    assert balancer.status("a") == "unhealthy"
+    assert balancer.record_probe("a", True) is True
+    assert balancer.status("a") == "healthy"
+
+
+# --- outlier ejection -----------------------------------------------------------------------
+
+
+def test_consecutive_failures_eject_for_base_ejection(clock: FakeClock) -> None:
+    balancer = pair(clock, consecutive_failures=3, base_ejection_s=30.0)
+    assert fail(balancer, "a", 3) == [False, False, True]
+    assert balancer.status("a") == "ejected"
+    assert balancer.candidates("m", ANY) == ["b"]
+    clock.advance(29.9)
+    assert balancer.status("a") == "ejected"
+    clock.advance(0.2)
+    assert balancer.status("a") == "healthy"
+    assert balancer.candidates("m", ANY) == ["a", "b"]
+
+
+def test_record_success_resets_the_failure_streak(clock: FakeClock) -> None:
+    balancer = pair(clock, consecutive_failures=3)
+    fail(balancer, "a", 2)
+    balancer.record_success("a")
+    assert fail(balancer, "a", 2) == [False, False]
+    assert balancer.status("a") == "healthy"
+    assert balancer.record_failure("a") is True
+
+
+def test_failures_while_ejected_do_not_extend_the_ejection(clock: FakeClock) -> None:
+    balancer = pair(clock, consecutive_failures=1, base_ejection_s=30.0)
+    assert balancer.record_failure("a") is True
+    clock.advance(10)
+    assert fail(balancer, "a", 5) == [False] * 5
+    clock.advance(20.1)
+    assert balancer.status("a") == "healthy"
+
+
+def ejection_length_s(balancer: Balancer, clock: FakeClock, name: str) -> float:
+    """Eject ``name`` now (one failure suffices) and measure how long it stays out."""
+    assert balancer.record_failure(name) is True
+    health = balancer.health[name]
+    length = health.ejected_until - clock.now
+    clock.now = health.ejected_until + 1.0  # just after it ends
+    return length
+
+
+def test_repeated_ejections_double_up_to_max_ejection(clock: FakeClock) -> None:
+    balancer = pair(clock, consecutive_failures=1, base_ejection_s=30.0, max_ejection_s=200.0)
+    lengths = [ejection_length_s(balancer, clock, "a") for _ in range(5)]
+    assert lengths == [30.0, 60.0, 120.0, 200.0, 200.0]
+
+
+def test_ejection_length_resets_after_a_long_quiet_period(clock: FakeClock) -> None:
+    balancer = pair(clock, consecutive_failures=1, base_ejection_s=30.0, max_ejection_s=200.0)
+    assert [ejection_length_s(balancer, clock, "a") for _ in range(3)] == [30.0, 60.0, 120.0]
+    clock.advance(1000.0)  # far longer than max_ejection + base_ejection since the last one
+    assert ejection_length_s(balancer, clock, "a") == 30.0
+    assert ejection_length_s(balancer, clock, "a") == 60.0
+
+
+def test_max_ejection_percent_keeps_the_rest_serving(clock: FakeClock) -> None:
+    names = ("d1", "d2", "d3", "d4")
+    balancer = make(*(DeploymentSpec(n, ("m",), consecutive_failures=1) for n in names),
+                    clock=clock, max_ejection_percent=50)
+    for name in ("d1", "d2", "d3"):  # ejected in this order, a second apart
+        assert balancer.record_failure(name) is True
+        clock.advance(1)
+    # At most 2 of 4 out: the most recently ejected (d2, d3) stay out, d1 serves again.
+    assert balancer.candidates("m", ANY) == ["d1", "d4"]
+    assert balancer.status("d1") == "ejected"  # still ejected on paper, just not kept out
+
+
+@pytest.mark.parametrize("percent", [0.0, 10.0])
+def test_max_ejection_percent_lets_at_least_one_out(clock: FakeClock, percent: float) -> None:
+    balancer = make(*(DeploymentSpec(n, ("m",), consecutive_failures=1) for n in ("a", "b", "c")),
+                    clock=clock, max_ejection_percent=percent)
+    balancer.record_failure("a")
+    clock.advance(1)
+    assert balancer.candidates("m", ANY) == ["b", "c"]
+    balancer.record_failure("b")
+    assert balancer.candidates("m", ANY) == ["a", "c"]  # b, the newest, is the one kept out
+
+
+def test_single_deployment_ejected_is_unavailable(clock: FakeClock) -> None:
+    balancer = make(DeploymentSpec("only", ("m",), consecutive_failures=1, base_ejection_s=30.0),
+                    clock=clock, max_ejection_percent=50)
+    balancer.record_failure("only")
+    with pytest.raises(OverloadedError) as info:
+        balancer.candidates("m", ANY)
+    assert info.value.retry_after_s == pytest.approx(30.0)
+
+
+# --- cooldown (429) --------------------------------------------------------------------------
+
+
+def test_rate_limited_deployment_cools_down(clock: FakeClock) -> None:
+    balancer = pair(clock)
+    balancer.record_rate_limited("a", 7.0)
+    assert balancer.status("a") == "cooldown"
+    assert balancer.candidates("m", ANY) == ["b"]
+    balancer.record_rate_limited("a", 2.0)  # a shorter hint never shortens the cooldown
+    clock.advance(6.9)
+    assert balancer.candidates("m", ANY) == ["b"]
+    clock.advance(0.2)
+    assert balancer.status("a") == "healthy"
+    assert balancer.candidates("m", ANY) == ["a", "b"]
+
+
+# --- nothing available -----------------------------------------------------------------------
+
+
+def test_all_cooling_down_is_503_no_healthy_upstream_with_the_shortest_wait(clock: FakeClock) -> None:
+    balancer = pair(clock)
+    balancer.record_rate_limited("a", 12.0)
+    balancer.record_rate_limited("b", 4.0)
+    with pytest.raises(OverloadedError) as info:
+        balancer.candidates("m", ANY)
+    err = info.value
+    assert err.http_status == 503
+    assert err.code == "no_healthy_upstream"
+    assert err.retry_after_s == pytest.approx(4.0)
+    assert err.headers()["retry-after"] == "4"
+    assert "`m`" in err.message
+
+
+def test_retry_hint_is_at_least_one_second(clock: FakeClock) -> None:
+    balancer = pair(clock)
+    balancer.record_rate_limited("a", 0.2)
+    balancer.record_rate_limited("b", 0.3)
+    with pytest.raises(OverloadedError) as info:
+        balancer.candidates("m", ANY)
+    assert info.value.retry_after_s == 1.0
+
+
+def test_all_unhealthy_is_503_with_a_default_hint(clock: FakeClock) -> None:
+    balancer = pair(clock, unhealthy_threshold=1)
+    balancer.record_probe("a", False)
+    balancer.record_probe("b", False)
+    with pytest.raises(OverloadedError) as info:
+        balancer.candidates("m", ANY)
+    assert info.value.code == "no_healthy_upstream"
+    assert info.value.retry_after_s == 5.0
+
+
+# --- status / any_healthy / repr -------------------------------------------------------------
+
+
+def test_status_any_healthy_and_repr(clock: FakeClock) -> None:
+    balancer = make(DeploymentSpec("a", ("m",), unhealthy_threshold=1),
+                    DeploymentSpec("b", ("m",), consecutive_failures=1),
+                    DeploymentSpec("c", ("m",)), clock=clock, max_ejection_percent=100)
+    assert repr(balancer) == "<Balancer [a: healthy, b: healthy, c: healthy]>"
+    balancer.record_probe("a", False)
+    balancer.record_failure("b")
+    balancer.record_rate_limited("c", 5)
+    assert [balancer.status(n) for n in "abc"] == ["unhealthy", "ejected", "cooldown"]
+    assert repr(balancer) == "<Balancer [a: unhealthy, b: ejected, c: cooldown]>"
+    assert balancer.any_healthy()  # cooling down is still healthy (ready)
+    clock.advance(5.1)
+    assert balancer.status("c") == "healthy"
+    only_bad = make(DeploymentSpec("a", ("m",), unhealthy_threshold=1),
+                    DeploymentSpec("b", ("m",), consecutive_failures=1), clock=clock)
+    only_bad.record_probe("a", False)
+    only_bad.record_failure("b")
+    assert not only_bad.any_healthy()
+    clock.advance(31)
+    assert only_bad.any_healthy()
+
+
+# --- choose: weighted power of two choices ---------------------------------------------------
+
+
+def test_choose_single_candidate_needs_no_draw() -> None:
+    balancer = make(DeploymentSpec("a", ("m",)))
+    assert balancer.choose(["a"]) == "a"
+
+
+def test_choose_prefers_fewer_in_flight() -> None:
+    in_flight = {"a": 5, "b": 0}
+    balancer = make(DeploymentSpec("a", ("m",)), DeploymentSpec("b", ("m",)), in_flight=in_flight)
+    assert {balancer.choose(["a", "b"]) for _ in range(50)} == {"b"}
+    in_flight.update(a=0, b=1)
+    assert {balancer.choose(["a", "b"]) for _ in range(50)} == {"a"}
+
+
+def test_choose_never_picks_the_busiest_of_three() -> None:
+    in_flight = {"a": 0, "b": 1, "c": 9}
+    balancer = make(*(DeploymentSpec(n, ("m",)) for n in "abc"), in_flight=in_flight)
+    picks = Counter(balancer.choose(["a", "b", "c"]) for _ in range(600))
+    assert picks["c"] == 0
+    # a wins every pair it is drawn into (2 of 3 pairs), b only the pair (b, c).
+    assert 0.58 < picks["a"] / 600 < 0.75
+
+
+def test_choose_compares_in_flight_per_unit_of_weight() -> None:
+    # a: 5 in flight on weight 10 (0.6 per weight with this request); b: 1 on weight 1 (2.0).
+    in_flight = {"a": 5, "b": 1}
+    balancer = make(DeploymentSpec("a", ("m",), weight=10), DeploymentSpec("b", ("m",)),
+                    in_flight=in_flight)
+    assert {balancer.choose(["a", "b"]) for _ in range(50)} == {"a"}
+
+
+def test_weights_bias_the_draw() -> None:
+    # Idle pool, equal load per weight (0/1 == 0/3): the first deployment drawn wins, and the
+    # draw is in proportion to weight, so b (weight 3) takes about 3/4 of the picks.
+    in_flight = {"a": 0, "b": 0}
+    balancer = make(DeploymentSpec("a", ("m",), weight=1), DeploymentSpec("b", ("m",), weight=3),
+                    in_flight=in_flight, seed=1234)
+    picks = Counter(balancer.choose(["a", "b"]) for _ in range(4000))
+    assert 0.72 < picks["b"] / 4000 < 0.78
+
+
+def test_equal_weights_and_load_spread_evenly() -> None:
+    balancer = make(*(DeploymentSpec(n, ("m",)) for n in "abc"), seed=99)
+    picks = Counter(balancer.choose(["a", "b", "c"]) for _ in range(3000))
+    assert all(900 < picks[n] < 1100 for n in "abc"), picks
+
+
+def test_choose_is_reproducible_with_a_seeded_rng() -> None:
+    def run() -> list[str]:
+        balancer = make(*(DeploymentSpec(n, ("m",), weight=w) for n, w in zip("abc", (1, 2, 3),
+                                                                            strict=True)), seed=5)
+        return [balancer.choose(["a", "b", "c"]) for _ in range(50)]
+
+    assert run() == run()
+
+
+# --- RetryBudget ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("requests", "allowed"), [(0, 3), (10, 3), (19, 3), (20, 4), (100, 20), (101, 20)])
+def test_retry_budget_allows_max_of_minimum_and_percent(requests: int, allowed: int) -> None:
+    budget = RetryBudget(percent=20.0, minimum=3)
+    for _ in range(requests):
+        budget.start_request()
+    assert budget.allowed() == allowed
+
+
+def test_retry_budget_counts_exhaustion_and_frees_on_end() -> None:
+    budget = RetryBudget(percent=20.0, minimum=2)
+    budget.start_request()
+    assert [budget.try_retry() for _ in range(4)] == [True, True, False, False]
+    assert budget.exhausted == 2
+    assert repr(budget) == "<RetryBudget [retries: 2/2 | requests: 1]>"
+    budget.end_retry()
+    assert budget.try_retry() is True
+    assert budget.exhausted == 2
+
+
+def test_retry_budget_zero_allows_no_retry() -> None:
+    budget = RetryBudget(percent=0.0, minimum=0)
+    budget.start_request()
+    assert budget.try_retry() is False
+    assert budget.exhausted == 1
+
+
+def test_retry_budget_counters_never_go_negative() -> None:
+    budget = RetryBudget()
+    budget.end_retry()
+    budget.end_request()
+    assert (budget.retries, budget.requests) == (0, 0)
+
+
+def test_lower_load_per_weight_wins_over_the_draw() -> None:
+    # a: 1 in flight / weight 1 = 1.0; b: 2 / 3 = 0.67 -> b whenever both are drawn.
+    balancer = make(DeploymentSpec("a", ("m",), weight=1), DeploymentSpec("b", ("m",), weight=3),
+                    in_flight={"a": 1, "b": 2}, seed=7)
+    picks = Counter(balancer.choose(["a", "b"]) for _ in range(2000))
+    assert picks["a"] == 0

@@ -1,21 +1,31 @@
-"""proxy/relay.py: request parsing, upstream bodies, error mapping, SSE error frames, and the
-stream producer driven against the real mock upstream on loopback."""
+"""proxy/relay.py: request parsing, upstream bodies, error mapping, SSE error frames, the
+Dispatcher (failover, retries, budget, cooldown, slots) and the stream producer, driven
+against real mock upstreams on loopback."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from openai._streaming import SSEDecoder
 
-from proxy.config import load_settings
+from proxy.admission import Admission, SlotLimits
+from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
+from proxy.config import RetryConfig, UpstreamConfig, load_settings
 from proxy.errors import (
     GatewayError,
     InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    UpstreamConnectionError,
     UpstreamError,
     UpstreamStatusError,
 )
@@ -25,17 +35,22 @@ from proxy.relay import (
     DEFAULT_RETRY_AFTER_S,
     EMBEDDINGS,
     RESPONSES,
+    Dispatcher,
     Endpoint,
+    Route,
     StreamJob,
+    UnaryResult,
     error_frame,
     normalize_error_body,
     parse_inference,
     produce_stream,
+    send_unary,
     upstream_status_error,
 )
 from proxy.streams import StreamLog, StreamState
 from proxy.upstream import Upstream
-from tests.conftest import MockUpstream, base_config
+from scripts.mock_upstream import MockConfig, create_app
+from tests.conftest import MockUpstream, base_config, merge
 
 TIMEOUT_S = 5.0
 CHAT_BODY = {"model": "mock-gpt", "messages": [{"role": "user", "content": "say something nice"}]}
@@ -321,35 +336,484 @@ def test_error_frame_is_one_sse_data_event_with_the_error_object() -> None:
     assert orjson.loads(events[0].data) == err.to_body()
 
 
+# --- a cluster of real upstreams for the Dispatcher ---------------------------------------------
+
+ANY = ("*",)
+MODEL = "mock-gpt"
+ROUTE = Route(MODEL, ANY)
+
+
+class FakeClock:
+    """The balancer's clock (cooldowns, ejections); moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    """``DispatchEvents`` that remembers every call, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def count_retry(self, upstream: str, reason: str) -> None:
+        self.calls.append(("retry", upstream, reason))
+
+    def count_upstream_error(self, upstream: str, kind: str) -> None:
+        self.calls.append(("error", upstream, kind))
+
+    def count_ejection(self, upstream: str) -> None:
+        self.calls.append(("ejection", upstream))
+
+    def count_retry_budget_exhausted(self) -> None:
+        self.calls.append(("budget_exhausted",))
+
+    def of(self, kind: str) -> list[tuple[str, ...]]:
+        return [call for call in self.calls if call[0] == kind]
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@dataclass
+class Cluster:
+    """Deployments of ``mock-gpt``: each a real ``Upstream`` (started here, closed by the
+    fixture) on its own mock server or on a closed port, plus the Dispatcher over them."""
+
+    aiohttp_server: Callable[..., Awaitable[TestServer]]
+    clock: FakeClock = field(default_factory=FakeClock)
+    events: Recorder = field(default_factory=Recorder)
+    mocks: dict[str, MockUpstream] = field(default_factory=dict)
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
+
+    async def add(self, name: str, mock: MockConfig | MockUpstream | None = None,
+                  **overrides: Any) -> Upstream:
+        """``mock``: a config for a new mock server, a running one, or ``None`` for a
+        closed port. ``overrides``: ``upstreams.<name>`` keys (priority, weight, ...)."""
+        if mock is None:
+            url = closed_port_url()
+        else:
+            if isinstance(mock, MockConfig):
+                server = await self.aiohttp_server(create_app(mock))
+                mock = MockUpstream(server, str(server.make_url("/v1")))
+            self.mocks[name] = mock
+            url = mock.base_url
+        config = UpstreamConfig.model_validate(merge(base_config(url)["upstreams"]["mock"], overrides))
+        upstream = self.upstreams[name] = Upstream(name, config)
+        await upstream.start()
+        return upstream
+
+    def dispatcher(self, attempts: int = 3, budget: RetryBudget | None = None,
+                   seed: int = 1) -> Dispatcher:
+        configs = {name: up.config for name, up in self.upstreams.items()}
+        admission = Admission({name: SlotLimits(c.slots, c.max_queue, c.queue_timeout_s)
+                               for name, c in configs.items()})
+        specs = {name: DeploymentSpec(name, c.models, c.priority, c.weight,
+                                      c.health_check.healthy_threshold,
+                                      c.health_check.unhealthy_threshold,
+                                      c.outlier_detection.consecutive_failures,
+                                      c.outlier_detection.base_ejection_s,
+                                      c.outlier_detection.max_ejection_s)
+                 for name, c in configs.items()}
+        balancer = Balancer(specs, {}, 50.0, in_flight=admission.in_flight, clock=self.clock,
+                            rng=random.Random(seed))
+        retry = RetryConfig(attempts=attempts, backoff_base=0, backoff_max=0)
+        return Dispatcher(self.upstreams, balancer, admission, retry,
+                          budget if budget is not None else RetryBudget(), self.events)
+
+    async def requests(self, name: str) -> int:
+        """``/v1`` requests the mock behind ``name`` received."""
+        return int((await self.mocks[name].stats())["requests"])
+
+    async def close(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+
+@pytest.fixture
+async def cluster(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIterator[Cluster]:
+    cluster = Cluster(aiohttp_server)
+    yield cluster
+    await cluster.close()
+
+
+FAILING_503 = MockConfig(fail_status=503)
+#: Outweighs a weight-1 deployment on an idle pick, so it is always tried first.
+FIRST = {"weight": 100}
+
+
+def unary(headers: dict[str, str] | None = None, calls: list[str] | None = None
+          ) -> Callable[[Upstream], Awaitable[UnaryResult]]:
+    """An attempt that sends the chat body on the upstream's pool (what ``serve_unary`` does)."""
+    body = dumps(CHAT_BODY)
+
+    async def attempt(upstream: Upstream) -> UnaryResult:
+        if calls is not None:
+            calls.append(upstream.name)
+        return await send_unary(upstream, "POST", "/chat/completions", body, CIMultiDict(headers or {}))
+
+    return attempt
+
+
+def scripted(outcomes: list[BaseException | None], calls: list[str]
+             ) -> Callable[[Upstream], Awaitable[str]]:
+    """An attempt that raises the next scripted error, or returns the upstream's name."""
+    script = iter(outcomes)
+
+    async def attempt(upstream: Upstream) -> str:
+        calls.append(upstream.name)
+        outcome = next(script)
+        if outcome is not None:
+            raise outcome
+        return upstream.name
+
+    return attempt
+
+
+def status_error(status: int) -> UpstreamStatusError:
+    return UpstreamStatusError(status, {"error": {"message": f"HTTP {status}"}})
+
+
+def stale() -> UpstreamConnectionError:
+    return UpstreamConnectionError("Upstream closed a pooled connection.", stale=True)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` (every 5 ms, at most ``TIMEOUT_S``)."""
+    for _ in range(int(TIMEOUT_S / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    pytest.fail(f"never happened: {what}")
+
+
+def assert_all_released(dispatcher: Dispatcher) -> None:
+    admission = dispatcher.admission
+    assert [admission.in_flight(n) for n in dispatcher.upstreams] == [0] * len(dispatcher.upstreams)
+    assert admission.queue_depth == 0
+    assert dispatcher.budget.requests == 0
+
+
+# --- Dispatcher -----------------------------------------------------------------------------
+
+
+async def test_dispatch_success_on_the_first_deployment(cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig(), **FIRST)
+    await cluster.add("b", MockConfig())
+    dispatcher = cluster.dispatcher()
+    result = await dispatcher.run(ROUTE, unary())
+    assert result.status == 200
+    assert result.usage is not None
+    assert (await cluster.requests("a"), await cluster.requests("b")) == (1, 0)
+    assert cluster.events.calls == []
+    assert_all_released(dispatcher)
+    assert dispatcher.budget.retries == 0
+
+
+async def test_dispatch_503_fails_over_to_another_deployment(cluster: Cluster) -> None:
+    await cluster.add("a", FAILING_503, **FIRST)
+    await cluster.add("b", MockConfig())
+    dispatcher = cluster.dispatcher()
+    calls: list[str] = []
+    result = await dispatcher.run(ROUTE, unary(calls=calls))
+    assert result.status == 200
+    assert calls == ["a", "b"]
+    assert (await cluster.requests("a"), await cluster.requests("b")) == (1, 1)
+    assert cluster.events.calls == [("error", "a", "http_503"), ("retry", "a", "http_503")]
+    assert dispatcher.balancer.health["a"].consecutive_failures == 1  # a 5xx counts as a failure
+    assert dispatcher.balancer.health["b"].consecutive_failures == 0
+    assert_all_released(dispatcher)
+    assert dispatcher.budget.retries == 0
+
+
+async def test_dispatch_fails_over_to_the_next_priority_tier(cluster: Cluster) -> None:
+    await cluster.add("primary", FAILING_503, priority=0)
+    await cluster.add("backup", MockConfig(), priority=1)
+    dispatcher = cluster.dispatcher()
+    calls: list[str] = []
+    assert (await dispatcher.run(ROUTE, unary(calls=calls))).status == 200
+    assert calls == ["primary", "backup"]
+
+
+async def test_dispatch_400_is_not_retried(cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig(), **FIRST)
+    await cluster.add("b", MockConfig())
+    dispatcher = cluster.dispatcher()
+    with pytest.raises(UpstreamStatusError) as info:
+        await dispatcher.run(ROUTE, unary({"x-mock-status": "400"}))
+    err = info.value
+    assert err.http_status == 400
+    assert err.should_retry is None  # nothing was retried: the client decides
+    assert (await cluster.requests("a"), await cluster.requests("b")) == (1, 0)
+    assert cluster.events.of("retry") == []
+    assert dispatcher.balancer.health["a"].consecutive_failures == 0  # the client's fault
+    assert_all_released(dispatcher)
+
+
+async def test_dispatch_gives_up_after_all_attempts_with_should_retry_false(cluster: Cluster) -> None:
+    await cluster.add("a", FAILING_503, **FIRST)
+    await cluster.add("b", FAILING_503)
+    dispatcher = cluster.dispatcher(attempts=3)
+    calls: list[str] = []
+    with pytest.raises(UpstreamStatusError) as info:
+        await dispatcher.run(ROUTE, unary(calls=calls))
+    err = info.value
+    assert err.http_status == 503
+    assert err.should_retry is False
+    assert err.headers()["x-should-retry"] == "false"
+    assert len(calls) == 3
+    assert calls[:2] == ["a", "b"]
+    assert await cluster.requests("a") + await cluster.requests("b") == 3
+    assert len(cluster.events.of("retry")) == 2
+    assert_all_released(dispatcher)
+    assert dispatcher.budget.retries == 0
+
+
+async def test_dispatch_retry_budget_exhausted_means_no_retry(cluster: Cluster) -> None:
+    await cluster.add("a", FAILING_503, **FIRST)
+    await cluster.add("b", MockConfig())
+    budget = RetryBudget(percent=0.0, minimum=0)
+    dispatcher = cluster.dispatcher(budget=budget)
+    with pytest.raises(UpstreamStatusError) as info:
+        await dispatcher.run(ROUTE, unary())
+    assert info.value.http_status == 503
+    assert info.value.should_retry is False
+    assert budget.exhausted == 1
+    assert cluster.events.of("budget_exhausted") == [("budget_exhausted",)]
+    assert cluster.events.of("retry") == []
+    assert (await cluster.requests("a"), await cluster.requests("b")) == (1, 0)
+    assert_all_released(dispatcher)
+
+
+async def test_dispatch_429_cools_the_deployment_down_and_fails_over(cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig(fail_status=429, retry_after="30"), **FIRST)
+    await cluster.add("b", MockConfig())
+    dispatcher = cluster.dispatcher()
+    calls: list[str] = []
+    assert (await dispatcher.run(ROUTE, unary(calls=calls))).status == 200
+    assert calls == ["a", "b"]
+    balancer = dispatcher.balancer
+    assert balancer.status("a") == "cooldown"
+    assert balancer.candidates(MODEL, ANY) == ["b"]
+    assert balancer.health["a"].consecutive_failures == 0  # rate limited, not broken
+    assert cluster.events.of("retry") == [("retry", "a", "http_429")]
+    # The next request goes straight to b.
+    calls.clear()
+    await dispatcher.run(ROUTE, unary(calls=calls))
+    assert calls == ["b"]
+    cluster.clock.now += 30.1
+    assert balancer.candidates(MODEL, ANY) == ["a", "b"]
+    assert_all_released(dispatcher)
+
+
+async def test_dispatch_connection_refused_fails_over(cluster: Cluster) -> None:
+    await cluster.add("down", None, **FIRST)
+    await cluster.add("up", MockConfig())
+    dispatcher = cluster.dispatcher()
+    calls: list[str] = []
+    assert (await dispatcher.run(ROUTE, unary(calls=calls))).status == 200
+    assert calls == ["down", "up"]
+    assert cluster.events.calls[:2] == [("error", "down", "upstream_connection_error"),
+                                        ("retry", "down", "upstream_connection_error")]
+    assert dispatcher.balancer.health["down"].consecutive_failures == 1
+    assert_all_released(dispatcher)
+
+
+async def test_dispatch_ejects_after_consecutive_failures(cluster: Cluster) -> None:
+    await cluster.add("down", None, outlier_detection={"consecutive_failures": 2}, **FIRST)
+    await cluster.add("up", MockConfig())
+    dispatcher = cluster.dispatcher()
+    for _ in range(2):
+        await dispatcher.run(ROUTE, unary())
+    assert dispatcher.balancer.status("down") == "ejected"
+    assert cluster.events.of("ejection") == [("ejection", "down")]
+    calls: list[str] = []
+    await dispatcher.run(ROUTE, unary(calls=calls))
+    assert calls == ["up"]
+
+
+async def test_dispatch_with_nothing_available_is_503_no_healthy_upstream(cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig(), health_check={"unhealthy_threshold": 1})
+    dispatcher = cluster.dispatcher()
+    dispatcher.balancer.record_probe("a", False)
+    calls: list[str] = []
+    with pytest.raises(OverloadedError) as info:
+        await dispatcher.run(ROUTE, unary(calls=calls))
+    assert info.value.code == "no_healthy_upstream"
+    assert calls == []
+    with pytest.raises(ModelNotFoundError):
+        await dispatcher.run(Route(MODEL, ("other-*",)), unary(calls=calls))
+    assert calls == []
+    assert_all_released(dispatcher)
+
+
+async def test_dispatch_stale_connection_is_retried_once_without_counting_a_retry(
+        cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig())
+    dispatcher = cluster.dispatcher(attempts=1)  # no retries at all: the stale redo is free
+    calls: list[str] = []
+    real = unary()
+
+    async def attempt(upstream: Upstream) -> UnaryResult:
+        calls.append(upstream.name)
+        if len(calls) == 1:
+            raise stale()
+        return await real(upstream)
+
+    assert (await dispatcher.run(ROUTE, attempt)).status == 200
+    assert calls == ["a", "a"]
+    assert await cluster.requests("a") == 1
+    assert cluster.events.of("retry") == []
+    assert dispatcher.budget.retries == 0
+    assert dispatcher.balancer.health["a"].consecutive_failures == 0  # not the upstream's fault
+    assert_all_released(dispatcher)
+
+
+async def test_dispatch_stale_connection_is_retried_only_once(cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig())
+    dispatcher = cluster.dispatcher(attempts=1)
+    calls: list[str] = []
+    with pytest.raises(UpstreamConnectionError):
+        await dispatcher.run(ROUTE, scripted([stale(), stale(), None], calls))
+    assert calls == ["a", "a"]
+    assert_all_released(dispatcher)
+
+
+async def test_dispatch_stale_connection_is_retried_on_the_same_deployment(cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig())
+    await cluster.add("b", MockConfig())
+    dispatcher = cluster.dispatcher(attempts=1, seed=3)
+    for _ in range(12):
+        calls: list[str] = []
+        await dispatcher.run(ROUTE, scripted([stale(), None], calls))
+        assert calls[1] == calls[0], f"stale retry moved from {calls[0]} to {calls[1]}"
+    assert_all_released(dispatcher)
+
+
+async def test_dispatch_stale_redo_of_a_retry_returns_the_retry_to_the_budget_once(
+        cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig(), **FIRST)
+    await cluster.add("b", MockConfig())
+    budget = RetryBudget(percent=0.0, minimum=5)
+    dispatcher = cluster.dispatcher(budget=budget)
+    assert budget.try_retry()  # a retry some other request has in flight
+    calls: list[str] = []
+    result = await dispatcher.run(ROUTE, scripted([status_error(503), stale(), None], calls))
+    assert result == "b"
+    assert calls == ["a", "b", "b"]
+    assert budget.retries == 1  # only the other request's retry is still in flight
+
+
+async def test_dispatch_retry_with_nowhere_to_go_returns_the_retry_to_the_budget(
+        cluster: Cluster) -> None:
+    await cluster.add("only", MockConfig(fail_status=429, retry_after="30"))
+    budget = RetryBudget(percent=0.0, minimum=3)
+    dispatcher = cluster.dispatcher(budget=budget)
+    with pytest.raises(UpstreamStatusError) as info:
+        await dispatcher.run(ROUTE, unary())
+    assert info.value.http_status == 429  # the real error, not "no healthy upstream"
+    assert info.value.retry_after_s == 30.0
+    assert await cluster.requests("only") == 1
+    assert_all_released(dispatcher)
+    assert budget.retries == 0  # no retry is in flight any more
+
+
+async def test_dispatch_cancelled_mid_attempt_frees_slot_and_connection(cluster: Cluster) -> None:
+    upstream = await cluster.add("a", MockConfig(ttft_ms=10_000))
+    dispatcher = cluster.dispatcher()
+    task = asyncio.create_task(dispatcher.run(ROUTE, unary()))
+    await until(lambda: upstream.pool_stats()["in_use"] == 1, "request sent")
+    assert dispatcher.admission.in_flight("a") == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert_all_released(dispatcher)
+    assert dispatcher.budget.retries == 0
+    assert upstream.pool_stats()["in_use"] == 0
+
+
+async def test_dispatch_cancelled_while_queued_for_a_retry_releases_everything(
+        cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig(), priority=0, max_in_flight=1)
+    await cluster.add("b", MockConfig(), priority=1, max_in_flight=1, max_queue=5,
+                      queue_timeout="10s")
+    dispatcher = cluster.dispatcher()
+    admission = dispatcher.admission
+    assert admission.try_acquire(["b"], lambda free: free[0]) == "b"  # another request holds b
+    calls: list[str] = []
+    task = asyncio.create_task(dispatcher.run(ROUTE, scripted([status_error(503), None], calls)))
+    await until(lambda: admission.queue_depth == 1, "the retry waits for b")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == ["a"]
+    assert (admission.in_flight("a"), admission.in_flight("b"), admission.queue_depth) == (0, 1, 0)
+    assert dispatcher.budget.requests == 0
+    assert dispatcher.budget.retries == 0  # the retry it took is back in the budget
+
+
+async def test_dispatch_failure_of_a_non_gateway_error_still_releases(cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig())
+    dispatcher = cluster.dispatcher()
+
+    async def attempt(upstream: Upstream) -> None:
+        raise RuntimeError("bug in the attempt")
+
+    with pytest.raises(RuntimeError):
+        await dispatcher.run(ROUTE, attempt)
+    assert_all_released(dispatcher)
+
+
+async def test_dispatch_queues_for_a_busy_deployment_and_runs_when_it_frees(cluster: Cluster) -> None:
+    await cluster.add("a", MockConfig(), max_in_flight=1, max_queue=2, queue_timeout="5s")
+    dispatcher = cluster.dispatcher()
+    admission = dispatcher.admission
+    admission.try_acquire(["a"], lambda free: free[0])
+    task = asyncio.create_task(dispatcher.run(ROUTE, unary()))
+    await until(lambda: admission.queue_depth == 1, "queued")
+    admission.release("a")
+    assert (await asyncio.wait_for(task, TIMEOUT_S)).status == 200
+    assert_all_released(dispatcher)
+
+
 # --- produce_stream against the mock upstream --------------------------------------------------
 
 
 @pytest.fixture
-async def upstream(mock_upstream: MockUpstream) -> AsyncIterator[Upstream]:
-    settings = load_settings(base_config(mock_upstream.base_url), env={})
-    up = Upstream("mock", settings.upstreams["mock"])
-    await up.start()
-    yield up
-    await up.close()
+async def upstream(cluster: Cluster, mock_upstream: MockUpstream) -> Upstream:
+    return await cluster.add("mock", mock_upstream)
 
 
-def make_job(upstream: Upstream, body: dict[str, Any], headers: dict[str, str] | None = None,
-             endpoint: Endpoint = CHAT) -> StreamJob:
+@pytest.fixture
+def dispatcher(cluster: Cluster, upstream: Upstream) -> Dispatcher:
+    return cluster.dispatcher()
+
+
+def make_job(body: dict[str, Any], headers: dict[str, str] | None = None,
+             endpoint: Endpoint = CHAT, log: StreamLog | None = None) -> StreamJob:
     parsed = parse_inference(endpoint, dumps({**body, "stream": True}))
-    raw, injected = parsed.upstream_body(upstream.config.inject_stream_usage)
-    return StreamJob(upstream, parsed, raw, injected, CIMultiDict(headers or {}),
-                     StreamLog("gs_test", "tester"))
+    return StreamJob(parsed, Route(parsed.model, ANY), CIMultiDict(headers or {}),
+                     log if log is not None else StreamLog("gs_test", "tester"))
 
 
-async def run(job: StreamJob) -> None:
-    await asyncio.wait_for(produce_stream(job), TIMEOUT_S)
+async def run(job: StreamJob, dispatcher: Dispatcher) -> None:
+    await asyncio.wait_for(produce_stream(job, dispatcher), TIMEOUT_S)
 
 
 async def test_stream_ends_in_done_with_usage_metered_and_injected_chunk_dropped(
-        upstream: Upstream, mock_upstream: MockUpstream) -> None:
-    job = make_job(upstream, CHAT_BODY)
+        upstream: Upstream, dispatcher: Dispatcher, mock_upstream: MockUpstream) -> None:
+    job = make_job(CHAT_BODY)
+    await run(job, dispatcher)
     assert job.injected_usage is True
-    await run(job)
+    assert job.upstream is upstream
     log = job.log
     assert log.state is StreamState.DONE
     assert log.error is None
@@ -360,15 +824,17 @@ async def test_stream_ends_in_done_with_usage_metered_and_injected_chunk_dropped
     assert all(c["choices"] for c in chunks)  # the injected choices: [] chunk never reaches the log
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks).startswith("alpha bravo")
     assert job.metering.usage == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    assert job.metering.events == 9
     sent = (await mock_upstream.requests())[-1]
     assert sent["body"]["stream_options"] == {"include_usage": True}
     assert upstream.pool_stats() == {"in_use": 0, "idle": 1}  # clean end: connection pooled
+    assert_all_released(dispatcher)
 
 
-async def test_stream_keeps_usage_chunk_the_client_asked_for(upstream: Upstream) -> None:
-    job = make_job(upstream, {**CHAT_BODY, "stream_options": {"include_usage": True}})
+async def test_stream_keeps_usage_chunk_the_client_asked_for(dispatcher: Dispatcher) -> None:
+    job = make_job({**CHAT_BODY, "stream_options": {"include_usage": True}})
+    await run(job, dispatcher)
     assert job.injected_usage is False
-    await run(job)
     payloads = sse_payloads(job.log.frames)
     assert payloads[-1] == "[DONE]"
     usage_chunk = orjson.loads(payloads[-2])
@@ -377,17 +843,18 @@ async def test_stream_keeps_usage_chunk_the_client_asked_for(upstream: Upstream)
     assert job.metering.usage is not None
 
 
-async def test_stream_frames_carry_the_upstream_order(upstream: Upstream) -> None:
-    job = make_job(upstream, CHAT_BODY, {"x-mock-tokens": "3"})
-    await run(job)
+async def test_stream_frames_carry_the_upstream_order(dispatcher: Dispatcher) -> None:
+    job = make_job(CHAT_BODY, {"x-mock-tokens": "3"})
+    await run(job, dispatcher)
     chunks = [orjson.loads(p) for p in sse_payloads(job.log.frames)[:-1]]
     assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["", "alpha ", "bravo ", "charlie "]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-async def test_reset_mid_stream_fails_log_with_error_frame_last(upstream: Upstream) -> None:
-    job = make_job(upstream, CHAT_BODY, {"x-mock-reset-after": "3"})
-    await run(job)
+async def test_reset_mid_stream_fails_log_with_error_frame_last_and_no_retry(
+        upstream: Upstream, dispatcher: Dispatcher, mock_upstream: MockUpstream) -> None:
+    job = make_job(CHAT_BODY, {"x-mock-reset-after": "3"})
+    await run(job, dispatcher)
     log = job.log
     assert log.state is StreamState.FAILED
     assert log.error is None  # frames were sent, so the error travels in the stream
@@ -397,12 +864,15 @@ async def test_reset_mid_stream_fails_log_with_error_frame_last(upstream: Upstre
     error = orjson.loads(payloads[-1])["error"]
     assert error["type"] == "upstream_error"
     assert error["code"] == "upstream_connection_error"
+    assert (await mock_upstream.stats())["requests"] == 1  # committed: never retried
+    assert dispatcher.budget.retries == 0
     assert upstream.pool_stats()["in_use"] == 0
+    assert_all_released(dispatcher)
 
 
-async def test_vllm_error_mid_stream_ends_log_with_normalized_error(upstream: Upstream) -> None:
-    job = make_job(upstream, CHAT_BODY, {"x-mock-vllm-error-after": "2"})
-    await run(job)
+async def test_vllm_error_mid_stream_ends_log_with_normalized_error(dispatcher: Dispatcher) -> None:
+    job = make_job(CHAT_BODY, {"x-mock-vllm-error-after": "2"})
+    await run(job, dispatcher)
     log = job.log
     assert log.state is StreamState.FAILED
     payloads = sse_payloads(log.frames)
@@ -411,30 +881,58 @@ async def test_vllm_error_mid_stream_ends_log_with_normalized_error(upstream: Up
         "message": "mock vllm failure", "type": "BadRequestError", "param": None, "code": 400}}
 
 
-async def test_upstream_500_before_first_byte_sets_log_error_and_no_frames(
-        upstream: Upstream) -> None:
-    job = make_job(upstream, CHAT_BODY, {"x-mock-status": "500"})
-    await run(job)
+async def test_stream_500_before_first_byte_is_retried_on_another_deployment(cluster: Cluster) -> None:
+    await cluster.add("broken", MockConfig(fail_status=500), priority=0)
+    backup = await cluster.add("backup", MockConfig(), priority=1)
+    dispatcher = cluster.dispatcher()
+    job = make_job(CHAT_BODY)
+    await run(job, dispatcher)
+    assert job.log.state is StreamState.DONE
+    assert sse_payloads(job.log.frames)[-1] == "[DONE]"
+    assert job.upstream is backup
+    assert (await cluster.requests("broken"), await cluster.requests("backup")) == (1, 1)
+    assert cluster.events.of("retry") == [("retry", "broken", "http_500")]
+    assert_all_released(dispatcher)
+
+
+async def test_stream_500_everywhere_sets_log_error_and_no_frames(
+        upstream: Upstream, dispatcher: Dispatcher, mock_upstream: MockUpstream) -> None:
+    job = make_job(CHAT_BODY, {"x-mock-status": "500"})
+    await run(job, dispatcher)
     log = job.log
     assert log.state is StreamState.FAILED
     assert log.frames == []
     assert isinstance(log.error, GatewayError)
     assert log.error.http_status == 500
+    assert log.error.should_retry is False  # the gateway already retried
     assert log.error.to_body()["error"]["type"] == "server_error"
+    assert (await mock_upstream.stats())["requests"] == 3  # routing.retry.attempts
     assert upstream.pool_stats()["in_use"] == 0
+    assert_all_released(dispatcher)
 
 
-async def test_upstream_429_before_first_byte_keeps_retry_after(upstream: Upstream) -> None:
-    job = make_job(upstream, CHAT_BODY, {"x-mock-status": "429", "x-mock-retry-after": "3"})
-    await run(job)
+async def test_upstream_429_before_first_byte_keeps_retry_after(dispatcher: Dispatcher) -> None:
+    job = make_job(CHAT_BODY, {"x-mock-status": "429", "x-mock-retry-after": "3"})
+    await run(job, dispatcher)
     assert isinstance(job.log.error, GatewayError)
     assert job.log.error.http_status == 429
     assert job.log.error.headers()["retry-after"] == "3"
+    assert dispatcher.balancer.status("mock") == "cooldown"
 
 
-async def test_responses_stream_ends_without_done(upstream: Upstream) -> None:
-    job = make_job(upstream, {"model": "mock-gpt", "input": "hello there"}, endpoint=RESPONSES)
-    await run(job)
+async def test_stream_with_no_deployment_available_fails_before_first_byte(
+        dispatcher: Dispatcher) -> None:
+    dispatcher.balancer.record_rate_limited("mock", 60)
+    job = make_job(CHAT_BODY)
+    await run(job, dispatcher)
+    assert isinstance(job.log.error, OverloadedError)
+    assert job.log.error.code == "no_healthy_upstream"
+    assert job.upstream is None
+
+
+async def test_responses_stream_ends_without_done(dispatcher: Dispatcher) -> None:
+    job = make_job({"model": "mock-gpt", "input": "hello there"}, endpoint=RESPONSES)
+    await run(job, dispatcher)
     log = job.log
     assert log.state is StreamState.DONE
     payloads = sse_payloads(log.frames)
@@ -453,32 +951,72 @@ async def wait_for_stat(mock: MockUpstream, name: str, value: int) -> None:
     pytest.fail(f"mock upstream {name} never reached {value}: {await mock.stats()}")
 
 
-async def start_slow_stream(upstream: Upstream) -> tuple[StreamJob, asyncio.Task[None]]:
+async def start_slow_stream(dispatcher: Dispatcher) -> tuple[StreamJob, asyncio.Task[None]]:
     """A producer that is mid-stream (two frames in) on a long, slow generation."""
-    job = make_job(upstream, CHAT_BODY, {"x-mock-tokens": "1000", "x-mock-token-delay-ms": "20"})
-    task = asyncio.create_task(produce_stream(job))
+    job = make_job(CHAT_BODY, {"x-mock-tokens": "1000", "x-mock-token-delay-ms": "20"})
+    task = asyncio.create_task(produce_stream(job, dispatcher))
     async with asyncio.timeout(TIMEOUT_S):
         await job.log.wait(2)
     return job, task
 
 
-async def test_pool_counts_the_connection_of_a_running_stream(upstream: Upstream) -> None:
-    _, task = await start_slow_stream(upstream)
+async def test_pool_and_slot_held_by_a_running_stream(upstream: Upstream, dispatcher: Dispatcher) -> None:
+    _, task = await start_slow_stream(dispatcher)
     try:
         assert upstream.pool_stats() == {"in_use": 1, "idle": 0}
+        assert dispatcher.admission.in_flight("mock") == 1
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_cancelling_producer_mid_stream_frees_the_pool(
-        upstream: Upstream, mock_upstream: MockUpstream) -> None:
-    job, task = await start_slow_stream(upstream)
+async def test_cancelling_producer_mid_stream_frees_slot_and_pool(
+        upstream: Upstream, dispatcher: Dispatcher, mock_upstream: MockUpstream) -> None:
+    job, task = await start_slow_stream(dispatcher)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert job.log.state is StreamState.FAILED
     assert b"[DONE]" not in b"".join(job.log.frames)
     assert upstream.pool_stats() == {"in_use": 0, "idle": 0}  # closed, not pooled half-read
+    assert_all_released(dispatcher)
     await wait_for_stat(mock_upstream, "streams_cancelled", 1)  # the generation stopped
     assert (await mock_upstream.stats())["open_streams"] == 0
+
+
+async def test_cancelling_producer_before_first_byte_frees_slot(
+        upstream: Upstream, dispatcher: Dispatcher) -> None:
+    job = make_job(CHAT_BODY, {"x-mock-ttft-ms": "10000"})
+    task = asyncio.create_task(produce_stream(job, dispatcher))
+    await until(lambda: upstream.pool_stats()["in_use"] == 1, "request sent")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert job.log.state is StreamState.FAILED
+    assert job.log.frames == []
+    assert upstream.pool_stats()["in_use"] == 0
+    assert_all_released(dispatcher)
+
+
+async def test_slow_reader_pauses_the_upstream_read(upstream: Upstream, dispatcher: Dispatcher) -> None:
+    log = StreamLog("gs_test", "tester", buffer_bytes=400, retain_bytes=100)
+    log.readers = 1
+    job = make_job(CHAT_BODY, {"x-mock-tokens": "40", "x-mock-token-delay-ms": "2"}, log=log)
+    task = asyncio.create_task(produce_stream(job, dispatcher))
+    await until(lambda: log.backlogged, "producer backlogged")
+    paused_at = log.last_seq
+    await asyncio.sleep(0.15)  # the upstream would have sent everything by now
+    assert log.last_seq == paused_at
+    assert log.state is StreamState.RUNNING
+    # Memory stays bounded: one upstream read beyond the buffer at most.
+    assert log.unsent_bytes < 400 + 64 * 1024
+    # A reader that catches up lets it run to the end; sent frames are trimmed as it goes.
+    async with asyncio.timeout(TIMEOUT_S):
+        while not log.closed or log.acked_seq < log.last_seq:
+            log.ack(log.last_seq)
+            await log.wait(log.acked_seq)
+    await asyncio.wait_for(task, TIMEOUT_S)
+    assert log.state is StreamState.DONE
+    assert log.first_seq > 1
+    assert log.held_bytes <= 100
+    assert_all_released(dispatcher)
