@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from proxy.config import model_matches
-from proxy.errors import ModelNotFoundError, OverloadedError
+from proxy.errors import GatewayError, ModelNotFoundError, OverloadedError, RateLimitError
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +130,9 @@ class Balancer:
 
         Raises:
             ModelNotFoundError: the key may not use ``model`` or nothing serves it (404).
-            OverloadedError: every deployment is unhealthy, ejected or cooling down (503,
-                with a retry hint).
+            RateLimitError: every live deployment is cooling down after a 429 (429, with the
+                time left as retry hint).
+            OverloadedError: every deployment is unhealthy or ejected (503, with a retry hint).
         """
         names = self.deployments_for(model) if model_matches(allowed, model) else ()
         if not names:
@@ -152,9 +153,15 @@ class Balancer:
         still_out = set(ejected[:allowed_out])  # the most recently ejected stay out
         return [n for n in live if n not in still_out and self.health[n].cooldown_until <= now]
 
-    def _unavailable(self, model: str, names: tuple[str, ...], now: float) -> OverloadedError:
-        waits = [max(self.health[n].ejected_until, self.health[n].cooldown_until) - now
-                 for n in names if self.health[n].healthy]
+    def _unavailable(self, model: str, names: tuple[str, ...], now: float) -> GatewayError:
+        """429 when every live deployment is only cooling down after its own 429 (the client
+        should wait as the upstream asked), else 503 ``no_healthy_upstream``."""
+        live = [self.health[n] for n in names if self.health[n].healthy]
+        waits = [max(h.ejected_until, h.cooldown_until) - now for h in live]
+        if live and all(h.ejected_until <= now for h in live):
+            return RateLimitError(f"The upstreams serving model `{model}` are rate-limited; retry "
+                                  "after the delay given.", code="upstream_rate_limited",
+                                  retry_after_s=max(0.001, min(waits)))
         retry_after_s = max(1.0, min(waits)) if waits else 5.0
         return OverloadedError(f"No healthy upstream is available for model `{model}`.",
                                code="no_healthy_upstream", retry_after_s=retry_after_s)

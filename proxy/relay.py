@@ -34,6 +34,7 @@ from proxy.errors import (
     GatewayError,
     InvalidRequestError,
     OverloadedError,
+    RateLimitError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamStatusError,
@@ -52,6 +53,10 @@ T = TypeVar("T")
 _ROUTING_OVERRIDES = ("api_base", "base_url")
 
 _DONE_FRAME = encode_event(DONE)
+
+#: The most bytes taken from the upstream response per read, so the backpressure check
+#: between reads bounds what a stream log holds beyond ``streams.buffer``.
+READ_CHUNK_BYTES = 16 * 1024
 
 #: The retry hint sent with an upstream 429/503 that gave none, in seconds.
 DEFAULT_RETRY_AFTER_S = 1.0
@@ -406,8 +411,7 @@ class Dispatcher:
                         self.budget.end_retry()
                         retry_held = False
                 tried.add(name)
-                await self._before_retry(last, n, committed, name)
-                retry_held = True
+                retry_held = await self._before_retry(route, tried, last, n, committed, name)
             raise AssertionError("unreachable")  # pragma: no cover - count() never ends
         finally:
             if retry_held:  # cancelled in the backoff, or nowhere left to retry
@@ -427,27 +431,46 @@ class Dispatcher:
     async def _slot(self, route: Route, tried: set[str], last: GatewayError | None) -> str:
         try:
             candidates = self.balancer.candidates(route.model, route.allowed, frozenset(tried))
-        except OverloadedError:
+        except (OverloadedError, RateLimitError):
             if last is not None:
                 raise last from None  # nowhere left to fail over to: the real error
             raise
         return await self.admission.acquire(candidates, self.balancer.choose, route.priority)
 
-    async def _before_retry(self, error: GatewayError | None, n: int, committed: Callable[[], bool],
-                            name: str) -> None:
-        """Raise ``error`` unless another attempt may follow; then take a retry from the
-        budget and wait the backoff. ``n``: attempts made so far."""
+    async def _before_retry(self, route: Route, tried: set[str], error: GatewayError | None, n: int,
+                            committed: Callable[[], bool], name: str) -> bool:
+        """Raise ``error`` unless another attempt may follow, then wait the backoff.
+        ``n``: attempts made so far. Returns whether the retry came out of the budget.
+
+        A failover to a deployment not tried yet is free: it cannot hammer the one that
+        failed. A retry on a deployment already tried (or when none other is available)
+        takes a place in the retry budget, and is refused when the budget is spent.
+        """
         assert error is not None
         if committed() or not is_retryable(error) or n >= self.retry.attempts:
             if n > 1:
                 error.should_retry = False  # the gateway already retried
             raise error
-        if not self.budget.try_retry():
+        budgeted = not self._untried_available(route, tried)
+        if budgeted and not self.budget.try_retry():
             self.events.count_retry_budget_exhausted()
             error.should_retry = False
             raise error
         self.events.count_retry(name, _error_kind(error))
-        await asyncio.sleep(random.uniform(0, self._backoff.get_timeout(n - 1)))
+        try:
+            await asyncio.sleep(random.uniform(0, self._backoff.get_timeout(n - 1)))
+        except asyncio.CancelledError:
+            if budgeted:
+                self.budget.end_retry()
+            raise
+        return budgeted
+
+    def _untried_available(self, route: Route, tried: set[str]) -> bool:
+        try:
+            candidates = self.balancer.candidates(route.model, route.allowed, frozenset(tried))
+        except GatewayError:
+            return False
+        return any(name not in tried for name in candidates)
 
     def _record(self, name: str, error: GatewayError) -> None:
         self.events.count_upstream_error(name, _error_kind(error))
@@ -563,7 +586,7 @@ async def _pump_events(job: StreamJob, response: aiohttp.ClientResponse) -> bool
     deadline = asyncio.timeout(upstream.config.timeouts.first_byte_s)
     waiting_first = True
     async with deadline:
-        async for chunk in response.content.iter_any():
+        async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
             for event in parser.feed(chunk):
                 if _handle_event(job, event.data, event.event):
                     return log.state is StreamState.DONE and await _drain(response)

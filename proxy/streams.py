@@ -68,9 +68,10 @@ class StreamLog:
         retain_bytes: bytes of already-sent frames kept for readers that start over from an
             earlier seq; older sent frames are dropped.
 
-    Memory bound per stream: ``retain_bytes + buffer_bytes`` plus what the producer appends
-    between two checks (one upstream read: the events in one chunk of at most 64 KiB, as
-    aiohttp's reads hand them over) — so a slow reader slows the upstream read instead of
+    Memory bound per stream: the log holds at most ``retain_bytes + buffer_bytes`` plus what
+    the producer appends between two checks (one upstream read of at most 16 KiB,
+    ``relay.READ_CHUNK_BYTES``); aiohttp's read buffer in front of it pauses the socket at
+    128 KiB (plus one socket read). So a slow reader slows the upstream read instead of
     growing memory.
 
     Attributes:

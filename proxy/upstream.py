@@ -16,6 +16,9 @@ from yarl import URL
 
 from proxy.config import UpstreamConfig
 
+#: aiohttp's response read buffer; reading pauses the socket at twice this (plus one socket read).
+READ_BUFFER_BYTES = 64 * 1024
+
 #: Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction, plus the
 #: framing headers aiohttp recomputes for the body it actually sends.
 HOP_BY_HOP = frozenset({
@@ -99,6 +102,7 @@ class Upstream:
                 total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.read_gap_s
             ),
             auto_decompress=True,
+            read_bufsize=READ_BUFFER_BYTES,
             skip_auto_headers=("User-Agent",),
             raise_for_status=False,
             trust_env=False,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
-from proxy.errors import ModelNotFoundError, OverloadedError
+from proxy.errors import ModelNotFoundError, OverloadedError, RateLimitError
 
 ANY = ("*",)
 
@@ -314,24 +314,47 @@ def test_rate_limited_deployment_cools_down(clock: FakeClock) -> None:
 # --- nothing available -----------------------------------------------------------------------
 
 
-def test_all_cooling_down_is_503_no_healthy_upstream_with_the_shortest_wait(clock: FakeClock) -> None:
+def test_all_cooling_down_is_429_with_the_shortest_wait(clock: FakeClock) -> None:
+    # The upstreams asked to wait: the client gets the upstreams' own answer, a 429.
     balancer = pair(clock)
     balancer.record_rate_limited("a", 12.0)
     balancer.record_rate_limited("b", 4.0)
-    with pytest.raises(OverloadedError) as info:
+    with pytest.raises(RateLimitError) as info:
         balancer.candidates("m", ANY)
     err = info.value
-    assert err.http_status == 503
-    assert err.code == "no_healthy_upstream"
+    assert err.http_status == 429
+    assert err.code == "upstream_rate_limited"
     assert err.retry_after_s == pytest.approx(4.0)
     assert err.headers()["retry-after"] == "4"
     assert "`m`" in err.message
 
 
-def test_retry_hint_is_at_least_one_second(clock: FakeClock) -> None:
+def test_cooling_down_and_ejected_is_503_no_healthy_upstream(clock: FakeClock) -> None:
+    balancer = pair(clock)
+    balancer.record_rate_limited("a", 12.0)
+    for _ in range(balancer.specs["b"].consecutive_failures):
+        balancer.record_failure("b")
+    with pytest.raises(OverloadedError) as info:
+        balancer.candidates("m", ANY)
+    assert info.value.http_status == 503
+    assert info.value.code == "no_healthy_upstream"
+
+
+def test_cooldown_retry_hint_is_the_exact_wait(clock: FakeClock) -> None:
+    # retry-after-ms carries it to the millisecond; retry-after rounds up to 1 s.
     balancer = pair(clock)
     balancer.record_rate_limited("a", 0.2)
     balancer.record_rate_limited("b", 0.3)
+    with pytest.raises(RateLimitError) as info:
+        balancer.candidates("m", ANY)
+    assert info.value.retry_after_s == pytest.approx(0.2)
+    assert info.value.headers()["retry-after"] == "1"
+    assert info.value.headers()["retry-after-ms"] == "200"
+
+
+def test_ejection_retry_hint_is_at_least_one_second(clock: FakeClock) -> None:
+    balancer = make(DeploymentSpec("a", ("m",), consecutive_failures=1, base_ejection_s=0.2), clock=clock)
+    balancer.record_failure("a")
     with pytest.raises(OverloadedError) as info:
         balancer.candidates("m", ANY)
     assert info.value.retry_after_s == 1.0

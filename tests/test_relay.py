@@ -25,6 +25,7 @@ from proxy.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     OverloadedError,
+    RateLimitError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamStatusError,
@@ -578,8 +579,8 @@ async def test_dispatch_gives_up_after_all_attempts_with_should_retry_false(clus
 
 
 async def test_dispatch_retry_budget_exhausted_means_no_retry(cluster: Cluster) -> None:
-    await cluster.add("a", FAILING_503, **FIRST)
-    await cluster.add("b", MockConfig())
+    # Only one deployment: a retry would go back to the one that failed, so it needs the budget.
+    await cluster.add("a", FAILING_503)
     budget = RetryBudget(percent=0.0, minimum=0)
     dispatcher = cluster.dispatcher(budget=budget)
     with pytest.raises(UpstreamStatusError) as info:
@@ -589,7 +590,20 @@ async def test_dispatch_retry_budget_exhausted_means_no_retry(cluster: Cluster) 
     assert budget.exhausted == 1
     assert cluster.events.of("budget_exhausted") == [("budget_exhausted",)]
     assert cluster.events.of("retry") == []
-    assert (await cluster.requests("a"), await cluster.requests("b")) == (1, 0)
+    assert await cluster.requests("a") == 1
+    assert_all_released(dispatcher)
+
+
+async def test_dispatch_failover_to_an_untried_deployment_needs_no_budget(cluster: Cluster) -> None:
+    # Failing over cannot hammer the deployment that failed, so a spent budget allows it.
+    await cluster.add("a", FAILING_503, **FIRST)
+    await cluster.add("b", MockConfig())
+    budget = RetryBudget(percent=0.0, minimum=0)
+    dispatcher = cluster.dispatcher(budget=budget)
+    assert (await dispatcher.run(ROUTE, unary())).status == 200
+    assert budget.exhausted == 0
+    assert budget.retries == 0
+    assert (await cluster.requests("a"), await cluster.requests("b")) == (1, 1)
     assert_all_released(dispatcher)
 
 
@@ -925,9 +939,14 @@ async def test_stream_with_no_deployment_available_fails_before_first_byte(
     dispatcher.balancer.record_rate_limited("mock", 60)
     job = make_job(CHAT_BODY)
     await run(job, dispatcher)
+    assert isinstance(job.log.error, RateLimitError)  # the upstream asked to wait: a 429
+    assert job.log.error.code == "upstream_rate_limited"
+    assert job.upstream is None
+    dispatcher.balancer.health["mock"].healthy = False  # probes found it down: a 503
+    job = make_job(CHAT_BODY)
+    await run(job, dispatcher)
     assert isinstance(job.log.error, OverloadedError)
     assert job.log.error.code == "no_healthy_upstream"
-    assert job.upstream is None
 
 
 async def test_responses_stream_ends_without_done(dispatcher: Dispatcher) -> None:
