@@ -242,7 +242,8 @@ def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> 
 
 
 def supervise_workers(settings: Settings, bind: tuple[str, int], count: int) -> int:
-    """Start ``count`` workers on ``bind`` with SO_REUSEPORT and wait for them.
+    """Start ``count`` workers on ``bind`` with SO_REUSEPORT and wait for them; returns the
+    exit code (0 when every worker stopped cleanly on a signal).
 
     Raises:
         ValueError: the platform has no SO_REUSEPORT, or ``bind`` uses port 0 (each worker
@@ -253,38 +254,54 @@ def supervise_workers(settings: Settings, bind: tuple[str, int], count: int) -> 
     if bind[1] == 0:
         raise ValueError("--workers > 1 needs a fixed port, not 0")
     configure_logging()
-    context = multiprocessing.get_context("spawn")
-    stopping = False
+    return WorkerSupervisor(settings, bind, count).run()
 
-    def start() -> multiprocessing.process.BaseProcess:
-        proc = context.Process(target=serve_worker, args=(settings, *bind, True), daemon=False)
+
+class WorkerSupervisor:
+    """The parent of ``--workers N``: starts the workers (spawned processes), forwards
+    SIGINT/SIGTERM to them, restarts one that exits on its own, and gives up when more than
+    ``MAX_RESTARTS`` exits happen within ``RESTART_WINDOW_S``."""
+
+    def __init__(self, settings: Settings, bind: tuple[str, int], count: int) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self._args = (settings, *bind, True)
+        self._count = count
+        self._procs: list[multiprocessing.process.BaseProcess] = []
+        self._restarts: list[float] = []
+        self._stopping = False
+        self._gave_up = False
+
+    def run(self) -> int:
+        self._procs = [self._start() for _ in range(self._count)]
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        while not self._stopping:
+            for i, proc in enumerate(self._procs):
+                proc.join(timeout=0.2)
+                if proc.exitcode is not None and not self._stopping:
+                    self._replace(i)
+        for proc in self._procs:
+            proc.join()
+        return 0 if not self._gave_up and all(p.exitcode == 0 for p in self._procs) else 1
+
+    def _start(self) -> multiprocessing.process.BaseProcess:
+        proc = self._context.Process(target=serve_worker, args=self._args, daemon=False)
         proc.start()
         return proc
 
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for proc in procs:
+    def _replace(self, index: int) -> None:
+        now, old = time.monotonic(), self._procs[index]
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(self._restarts) > MAX_RESTARTS:
+            log.error("workers keep exiting; stopping", extra={"restarts": len(self._restarts)})
+            self._gave_up = True
+            self._stop(signal.SIGTERM, None)
+            return
+        log.warning("worker exited; restarting", extra={"pid": old.pid, "code": old.exitcode})
+        self._procs[index] = self._start()
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        self._stopping = True
+        for proc in self._procs:
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signum)
-
-    procs = [start() for _ in range(count)]
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    restarts: list[float] = []
-    while not stopping:
-        for i, proc in enumerate(procs):
-            proc.join(timeout=0.2)
-            if proc.exitcode is None or stopping:
-                continue
-            now = time.monotonic()
-            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
-            if len(restarts) > MAX_RESTARTS:
-                log.error("workers keep exiting; stopping", extra={"restarts": len(restarts)})
-                stop(signal.SIGTERM, None)
-                break
-            log.warning("worker exited; restarting", extra={"pid": proc.pid, "code": proc.exitcode})
-            procs[i] = start()
-    for proc in procs:
-        proc.join()
-    return 0 if all(proc.exitcode == 0 for proc in procs) and len(restarts) <= MAX_RESTARTS else 1
