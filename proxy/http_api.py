@@ -327,9 +327,9 @@ def unary_response(result: UnaryResult) -> web.Response:
 
 
 async def produce_and_settle(gateway: Gateway, job: StreamJob, charge: Charge) -> None:
-    """Run the stream's producer, then free its deployment slot and settle its charge: the
-    upstream's usage, else the prompt estimate plus one token per event generated, else
-    nothing if the stream failed before its first event."""
+    """Run the stream's producer (it holds and frees its upstream slot), then settle its
+    charge: the upstream's usage, else the prompt estimate plus one token per event
+    generated, else nothing if the stream failed before its first event."""
     try:
         await produce_stream(job, gateway.dispatcher)
     finally:
