@@ -229,6 +229,10 @@ class Fleet:
         return proc
 
     def stop_all(self) -> None:
+        """TERM every process, KILL those still alive 3 s later, then KILL any of their
+        descendants left behind (a gateway's workers, should its parent not stop them)."""
+        left = [(pid, start_time(pid)) for proc in self.procs if proc.poll() is None
+                for pid in process_tree(proc.pid)[1:]]
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -239,6 +243,12 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for pid, started in left:
+            if started is not None and start_time(pid) == started:  # not a reused pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    continue
 
 
 @contextmanager
@@ -493,6 +503,14 @@ def process_tree(pid: int) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def cpu_seconds(pid: int) -> float:
