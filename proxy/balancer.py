@@ -86,6 +86,9 @@ class Balancer:
         self._clock = clock
         self._rng = rng or random.Random()
         self._route_cache: dict[str, tuple[str, ...]] = {}
+        # model -> (health epoch, valid until, candidates); health changes bump the epoch
+        self._candidates_cache: dict[str, tuple[int, float, list[str]]] = {}
+        self._epoch = 0
 
     def __repr__(self) -> str:
         states = ", ".join(f"{name}: {self.status(name)}" for name in self.specs)
@@ -138,12 +141,24 @@ class Balancer:
         if not names:
             raise ModelNotFoundError(model)
         now = self._clock()
+        cached = self._candidates_cache.get(model) if not exclude else None
+        if cached is not None and cached[0] == self._epoch and now < cached[1]:
+            return cached[2]  # the hot path: nothing changed since this was worked out
         usable = self._usable(names, now)
         if not usable:
             raise self._unavailable(model, names, now)
         fresh = [n for n in usable if n not in exclude] or usable
         best = min(self.specs[n].priority for n in fresh)
-        return [n for n in fresh if self.specs[n].priority == best]
+        result = [n for n in fresh if self.specs[n].priority == best]
+        if not exclude:
+            self._candidates_cache[model] = (self._epoch, self._next_expiry(names, now), result)
+        return result
+
+    def _next_expiry(self, names: tuple[str, ...], now: float) -> float:
+        """When the first ejection or cooldown among ``names`` ends (inf if none runs)."""
+        ends = [t for n in names for t in (self.health[n].ejected_until, self.health[n].cooldown_until)
+                if t > now]
+        return min(ends, default=math.inf)
 
     def _usable(self, names: tuple[str, ...], now: float) -> list[str]:
         live = [n for n in names if self.health[n].healthy]
@@ -219,12 +234,14 @@ class Balancer:
         health.ejections += 1
         health.ejected_at, health.ejected_until = now, now + duration
         health.consecutive_failures = 0
+        self._epoch += 1
         return True
 
     def record_rate_limited(self, name: str, retry_after_s: float) -> None:
         """``name`` answered 429 with ``Retry-After``: no traffic for ``retry_after_s``."""
         health = self.health[name]
         health.cooldown_until = max(health.cooldown_until, self._clock() + retry_after_s)
+        self._epoch += 1
 
     def record_probe(self, name: str, ok: bool) -> bool | None:
         """Count one active probe result; returns the new ``healthy`` value when it changed,
@@ -236,11 +253,13 @@ class Balancer:
                 health.healthy = True
                 health.ejected_until = 0.0  # a recovered upstream starts clean
                 health.consecutive_failures = 0
+                self._epoch += 1
                 return True
         else:
             health.probe_streak = min(-1, health.probe_streak - 1)
             if health.healthy and -health.probe_streak >= spec.unhealthy_threshold:
                 health.healthy = False
+                self._epoch += 1
                 return False
         return None
 

@@ -195,7 +195,7 @@ def _log_access(request: web.Request, ctx: RequestContext, status: int) -> None:
         fields["prompt_tokens"] = ctx.usage.get("prompt_tokens", ctx.usage.get("input_tokens"))
         fields["completion_tokens"] = ctx.usage.get("completion_tokens",
                                                     ctx.usage.get("output_tokens"))
-    access_log.info("request", extra=fields)
+    access_log.info("request", extra={"fields": fields})
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -502,7 +502,7 @@ class Limiter:
         """
         if not demand.limited:
             return None
-        lease_id = "ls_" + secrets.token_hex(8)
+        lease_id = f"ls_{random.getrandbits(64):016x}"  # unique, not secret: no syscall
         store, verdict = await self._acquire_on_some_store(demand, lease_id)
         headers = ratelimit_headers(verdict.reports)
         if not verdict.allowed:

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -82,7 +82,14 @@ class JSONFormatter(logging.Formatter):
         }
         if not hasattr(record, "request_id"):  # not stamped by RequestContextFilter
             RequestContextFilter().filter(record)
-        out.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):  # the access log's fast path: one attribute, no scan
+            out["request_id"] = getattr(record, "request_id", None)
+            if hasattr(record, "key"):
+                out["key"] = record.key
+            out.update(fields)
+        else:
+            out.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
@@ -105,7 +112,7 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger("proxy")
     if any(isinstance(h, _BufferedHandler) for h in root.handlers):
         return
-    stream = logging.StreamHandler(sys.stderr)
+    stream = _BatchWriter(sys.stderr)
     stream.setFormatter(JSONFormatter())
     buffered = _BufferedHandler(LOG_BUFFER_RECORDS, logging.WARNING, stream)
     buffered.addFilter(RequestContextFilter())
@@ -115,7 +122,39 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 class _BufferedHandler(logging.handlers.MemoryHandler):
-    """The gateway's own buffered handler (a type to find it by)."""
+    """The gateway's buffered handler: on flush its target gets every record, then writes
+    them all at once."""
+
+    def flush(self) -> None:
+        super().flush()
+        if self.target is not None:
+            self.target.flush()
+
+
+class _BatchWriter(logging.Handler):
+    """Formats records as they come and writes the lines of a batch in one ``write`` call
+    when flushed (``logging.StreamHandler`` writes and flushes every record on its own)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+        self._lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+        except Exception:  # logging must never break the request path
+            self.handleError(record)
+
+    def flush(self) -> None:
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        try:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):  # stderr closed or gone: drop, never raise into the app
+            pass
 
 
 def flush_logs() -> None:

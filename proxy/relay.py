@@ -250,17 +250,16 @@ class Metering:
 async def send_unary(upstream: Upstream, method: str, path: str, body: bytes | None,
                      headers: Headers, query_string: str = "") -> UnaryResult:
     """Send one request and read the whole answer; the pooled connection is always released.
+    ``timeouts.first_byte`` bounds each wait for the answer (``Upstream.unary_timeout``).
 
     Raises:
         GatewayError: connect failure or timeout (502/504), or the upstream's error status.
         Cancelling is safe: the connection is closed, not returned to the pool half-read.
     """
-    timeouts = upstream.config.timeouts
     try:
-        async with asyncio.timeout(timeouts.first_byte_s):
-            response = await upstream.session.request(
-                method, upstream.url(path, query_string), data=body,
-                headers=upstream.request_headers(headers), allow_redirects=False)
+        response = await upstream.session.request(
+            method, upstream.url(path, query_string), data=body, timeout=upstream.unary_timeout,
+            headers=upstream.request_headers(headers), allow_redirects=False)
     except aiohttp.ServerDisconnectedError:
         raise UpstreamConnectionError(f"Upstream {upstream.name} closed a pooled connection.",
                                       stale=True) from None
@@ -435,6 +434,9 @@ class Dispatcher:
             if last is not None:
                 raise last from None  # nowhere left to fail over to: the real error
             raise
+        name = self.admission.try_acquire(candidates, self.balancer.choose)  # no coroutine
+        if name is not None:
+            return name
         return await self.admission.acquire(candidates, self.balancer.choose, route.priority)
 
     async def _before_retry(self, route: Route, tried: set[str], error: GatewayError | None, n: int,

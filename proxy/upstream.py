@@ -71,6 +71,11 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
         self._connector: aiohttp.TCPConnector | None = None
         self._fixed_headers = self._build_fixed_headers()
+        timeouts = config.timeouts
+        #: For whole (non-stream) answers: no silence longer than ``first_byte`` while waiting
+        #: for the response (an aiohttp timer per read, cheaper than a task-level timeout).
+        self.unary_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.first_byte_s)
         self._url_cache: dict[str, URL] = {}
 
     def __repr__(self) -> str:
