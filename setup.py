@@ -20,6 +20,7 @@ setup(
         "orjson>=3.10",
         "prometheus-client>=0.21",
         "redis>=5.2",
+        "hiredis>=3.0",  # C reply parser for redis-py (the limits hot path)
     ],
     extras_require={
         "dev": [

@@ -23,6 +23,14 @@ first chunk containing ``data:``. Only successes inside the measurement window
 time in ``closed`` mode (so ``ok / window`` is the throughput), by issue time in ``rate``
 mode (so slow answers at the end are not dropped). Errors are counted over the whole
 phase, keyed by ``HTTP <status>``, ``stream without [DONE]`` or exception class name.
+
+Optional spec fields (the scenarios of ``loadtest.py`` use them): ``classify``, a list of
+``[substring, label]``: an error response whose body (first 512 bytes) contains
+``substring`` is keyed ``HTTP <status> <label>``, any other one ``HTTP <status> <code>``
+with the ``code`` of an OpenAI error body, if any. Then error latencies inside the window
+are kept too (``error_latencies_ms``, by key). ``timeline_s``: also count every finished
+request (``ok`` or its error key) in buckets of that many seconds by completion time from
+the start (``timeline``: ``{bucket index: {key: count}}``).
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ from typing import Any, cast
 import orjson
 import uvloop
 
-Result = tuple[int, float | None, bool, bool]  # status, first data: time, [DONE] seen, keep-alive
+# status, first data: time, [DONE] seen, keep-alive, start of the body of a non-200 answer
+Result = tuple[int, float | None, bool, bool, bytes]
+ERROR_BODY_BYTES = 512
 
 
 class IncompleteResponseError(ConnectionError):
@@ -69,6 +79,7 @@ class Connection(asyncio.Protocol):
         self._status, self._need, self._keep_alive = 0, 0, True
         self._first_data: float | None = None
         self._tail = b""
+        self._error_body = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)  # uvloop's isn't a subclass
@@ -115,13 +126,18 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
         if self._waiter is not None and not self._waiter.done():
             done = b"data: [DONE]" in self._tail
-            self._waiter.set_result((self._status, self._first_data, done, self._keep_alive))
+            self._waiter.set_result((self._status, self._first_data, done, self._keep_alive,
+                                     self._error_body))
         self._waiter = None
         self._reset()
 
     def _watch(self, start: int, stop: int) -> None:
         """Note the first ``data:`` in ``_buf[start:stop]`` and keep its last bytes, where
-        ``[DONE]`` must be at the end. Events arrive whole (one write per event)."""
+        ``[DONE]`` must be at the end. Events arrive whole (one write per event). Of an
+        error answer, keep the start of the body."""
+        if self._status != 200 and len(self._error_body) < ERROR_BODY_BYTES:
+            room = ERROR_BODY_BYTES - len(self._error_body)
+            self._error_body += bytes(self._buf[start : min(stop, start + room)])
         if self._first_data is None and self._buf.find(b"data:", start, stop) >= 0:
             self._first_data = time.perf_counter()
         if stop > start:
@@ -196,19 +212,54 @@ class Stats:
     errors: Counter[str] = field(default_factory=Counter)
     issued: int = 0
     max_lag_ms: float = 0.0
+    origin_s: float = 0.0  # the start of the phase (timeline buckets count from here)
+    classify: list[tuple[bytes, str]] | None = None  # None: errors keyed by status only
+    timeline_s: float | None = None
+    error_latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+    timeline: dict[int, Counter[str]] = field(default_factory=dict)
+
+    def in_window(self, start: float, end: float) -> bool:
+        return self.window_start_s <= (start if self.by_issue else end) <= self.window_end_s
 
     def record(self, start: float, result: Result) -> None:
         """Count one finished response issued at ``start``."""
         end = time.perf_counter()
-        status, first_data, done, _ = result
+        status, first_data, done, _, body = result
         if status != 200:
-            self.errors[f"HTTP {status}"] += 1
+            self.error(self.error_key(status, body), start, end)
         elif self.stream and not done:
-            self.errors["stream without [DONE]"] += 1
-        elif self.window_start_s <= (start if self.by_issue else end) <= self.window_end_s:
-            self.latencies_ms.append((end - start) * 1000)
-            if first_data is not None:
-                self.ttft_ms.append((first_data - start) * 1000)
+            self.error("stream without [DONE]", start, end)
+        else:
+            self.tick("ok", end)
+            if self.in_window(start, end):
+                self.latencies_ms.append((end - start) * 1000)
+                if first_data is not None:
+                    self.ttft_ms.append((first_data - start) * 1000)
+
+    def error(self, key: str, start: float, end: float) -> None:
+        """Count one failed request issued at ``start`` that ended at ``end``."""
+        self.errors[key] += 1
+        self.tick(key, end)
+        if self.classify is not None and self.in_window(start, end):
+            self.error_latencies_ms.setdefault(key, []).append((end - start) * 1000)
+
+    def tick(self, key: str, end: float) -> None:
+        if self.timeline_s:
+            bucket = int((end - self.origin_s) / self.timeline_s)
+            self.timeline.setdefault(bucket, Counter())[key] += 1
+
+    def error_key(self, status: int, body: bytes) -> str:
+        """``HTTP <status>``, refined by ``classify`` or the error body's ``code``."""
+        if self.classify is None:
+            return f"HTTP {status}"
+        for needle, label in self.classify:
+            if needle in body:
+                return f"HTTP {status} {label}"
+        try:
+            code = orjson.loads(body)["error"]["code"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return f"HTTP {status}"
+        return f"HTTP {status} {code}" if isinstance(code, str) and code else f"HTTP {status}"
 
     def to_json(self, cpu_s: float) -> dict[str, Any]:
         return {
@@ -216,6 +267,8 @@ class Stats:
             "latencies_ms": self.latencies_ms, "ttft_ms": self.ttft_ms,
             "errors": dict(self.errors), "issued": self.issued,
             "max_lag_ms": self.max_lag_ms, "cpu_s": cpu_s,
+            "error_latencies_ms": self.error_latencies_ms,
+            "timeline": {str(k): dict(v) for k, v in sorted(self.timeline.items())},
         }
 
 
@@ -247,7 +300,7 @@ class Generator:
                 conn = await self.connect()
             result = await conn.request(self.raw, self.timeout_s)
         except (OSError, TimeoutError, ValueError) as exc:
-            self.stats.errors[type(exc).__name__] += 1
+            self.stats.error(type(exc).__name__, start, time.perf_counter())
             if conn is not None:
                 conn.close()
             await asyncio.sleep(0.01)  # no hot loop against a refusing server
@@ -305,8 +358,12 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one phase as the spec says; return the figures (see module docstring)."""
     await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
     start = time.perf_counter()
+    classify = spec.get("classify")
     stats = Stats(start + spec["warmup_s"], start + spec["duration_s"],
-                  spec["body"]["stream"], by_issue=spec["mode"] == "rate")
+                  spec["body"]["stream"], by_issue=spec["mode"] == "rate", origin_s=start,
+                  classify=None if classify is None else
+                  [(needle.encode(), label) for needle, label in classify],
+                  timeline_s=spec.get("timeline_s"))
     gen = Generator(spec["host"], spec["port"], build_request(spec), stats.window_end_s,
                     spec["timeout_s"], stats)
     cpu0 = cpu_seconds()
