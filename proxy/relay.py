@@ -620,7 +620,7 @@ def _handle_event(job: StreamJob, data: bytes, event: bytes | None) -> bool:
     if data == DONE:
         log.finish(_DONE_FRAME)
         return True
-    obj = _loads_or_none(data)
+    obj = _loads_or_none(data) if _may_matter(data) else None
     if isinstance(obj, dict):
         error_body = normalize_error_body(obj) if ("error" in obj or obj.get("object") == "error") else None
         if error_body is not None and event in (None, b"error"):
@@ -632,6 +632,18 @@ def _handle_event(job: StreamJob, data: bytes, event: bytes | None) -> bool:
     job.metering.events += 1
     log.append(encode_event(data, event=event))
     return False
+
+
+#: Byte patterns of the events the relay must look inside: errors (nested or vLLM's flat
+#: ``"object":"error"``), usage objects, and the responses API's final event. JSON string
+#: content escapes its quotes (``\"error\"``), so generated text cannot match ``"error"``.
+_INTERESTING = (b'"error"', b'"usage":{', b'"usage": {', b'"response.completed"')
+
+
+def _may_matter(data: bytes) -> bool:
+    """Whether an event may be an error or carry usage; the others (almost every token
+    chunk) are relayed without being parsed."""
+    return any(pattern in data for pattern in _INTERESTING)
 
 
 def _loads_or_none(data: bytes) -> object:

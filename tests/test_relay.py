@@ -1039,3 +1039,16 @@ async def test_slow_reader_pauses_the_upstream_read(upstream: Upstream, dispatch
     assert log.first_seq > 1
     assert log.held_bytes <= 100
     assert_all_released(dispatcher)
+
+
+def test_only_events_that_may_be_errors_or_usage_are_parsed() -> None:
+    from proxy.relay import _may_matter
+
+    token = orjson.dumps({"choices": [{"index": 0, "delta": {"content": 'say "error" {"usage":{}}'}}],
+                          "usage": None})
+    assert not _may_matter(token)  # quotes inside generated text are escaped
+    assert _may_matter(b'{"object":"error","message":"x"}')
+    assert _may_matter(b'{"error": {"message": "x"}}')
+    assert _may_matter(orjson.dumps({"choices": [], "usage": {"prompt_tokens": 1}}))
+    assert _may_matter(b'{"choices": [], "usage": {"prompt_tokens": 1}}')
+    assert _may_matter(b'{"type":"response.completed","response":{}}')
