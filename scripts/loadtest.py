@@ -5,6 +5,10 @@
         [--tokens 16] [--ttft-ms 0] [--token-delay-ms 0] [--timeout 10]
         [--state memory|redis] [--workers N] [--no-limits] [--redis-timeout 50ms]
     .venv/bin/python scripts/loadtest.py --compare [--rounds 3] [--duration 5] ...
+    .venv/bin/python scripts/loadtest.py --scenario overload [--levels 1,2,3] [--max-in-flight 16]
+        [--max-queue 32] [--queue-timeout-ms 200] [--ttft-ms 50] [--duration 5] [--warmup 1]
+    .venv/bin/python scripts/loadtest.py --scenario failover [--concurrency 16] [--ttft-ms 20]
+        [--failover-duration 12] [--kill-at 4] [--restart-at 8] [--base-ejection-s 2]
 
 Starts ``scripts/mock_upstream.py``, the gateway (``python -m proxy serve``) and
 ``scripts/bare_forwarder.py`` as subprocesses on free 127.0.0.1 ports, then runs three
@@ -65,6 +69,34 @@ of a multi-worker gateway counts), which stays meaningful when other jobs share 
 the report warns when processes outside the test used more than 15% of a CPU during a
 phase (``/proc/stat`` minus the test's own processes). Peak RSS is ``VmHWM`` from
 ``/proc/<pid>/status``, summed over the process tree.
+
+Scenarios (``make load-test ARGS="--scenario overload"``), each well under 90 s; both first
+wait (at most ``--quiet-wait`` s) for a second in which other processes use at most 15% of a
+CPU, and pin the gateway like the default run:
+
+* ``overload``: one mock with a fixed non-stream service time (``--ttft-ms``, default 50 ms)
+  behind a gateway whose upstream has ``max_in_flight`` / ``max_queue`` / ``queue_timeout``
+  (16 / 32 / 200 ms), so its capacity is max_in_flight / service time (320 req/s). An open
+  loop (the generator's ``rate`` mode, one generator process per 1,500 req/s, 1,024
+  connections each) runs ``--duration`` s at each of ``--levels`` times that capacity. Per
+  level: offered and achieved issue rate (and the generator's worst lateness), goodput (200s
+  per second) and its % of the best level's and of capacity, latency of the 200s, rate and
+  latency of 503 refusals split by cause (the body says "queue is full" or "Timed out
+  waiting"), other errors; a level during which other processes used more than 15% of a CPU
+  is measured again (``--retries``). Targets: goodput at the highest level >= 90% of the best;
+  queue-full 503s p99 <= 50 ms, deadline 503s p99 <= queue_timeout + 50 ms.
+* ``failover``: two mocks serving the model, same priority, health checks every 500 ms
+  (unhealthy / healthy threshold 2), outlier ejection for ``--base-ejection-s``;
+  ``--concurrency`` (16) closed-loop non-stream connections for ``--failover-duration`` s
+  (12); mock-b is SIGKILLed at ``--kill-at`` (4 s) and started again on its port at
+  ``--restart-at`` (8 s). ``/readyz`` is polled every 100 ms and its state changes are
+  logged with their times. Reported: requests, client-visible failures by kind (status and
+  error ``code``, or exception), goodput per second with the events of that second, when
+  mock-b left rotation / was marked unhealthy / came back, and ``shepherd_retries_total``,
+  ``shepherd_upstream_ejections_total``, ``shepherd_retry_budget_exhausted_total`` and
+  ``shepherd_upstream_errors_total`` from ``/metrics``. Target: zero client-visible failures.
+
+``--json PATH`` writes every figure of either, with the gateway's config.
 
 Every phase is bounded by time (``--duration`` plus at most ``--timeout`` for requests in
 flight); every subprocess is killed on exit, on Ctrl-C, on SIGTERM and on errors (and by the
@@ -1404,8 +1436,10 @@ def overload_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
           f"max_in_flight {up['max_in_flight']}, max_queue {up['max_queue']}, queue_timeout "
           f"{up['queue_timeout']} -> capacity {doc['capacity_rps']:,.0f} req/s")
     print(f"load: open loop (fixed rate), {args.duration:g} s per level, the first "
-          f"{args.warmup:g} s not counted; figures are over the requests issued in the window\n")
-    kinds = sorted({k for r in levels for k in r["window_errors"]})
+          f"{args.warmup:g} s not counted; figures are over the requests issued in the window; "
+          f"a full queue holds {up['max_queue'] / doc['capacity_rps'] * 1000:.0f} ms of work\n")
+    overload = [f"HTTP 503 {label}" for _, label in OVERLOAD_CLASSIFY]
+    kinds = overload + sorted({k for r in levels for k in r["window_errors"]} - set(overload))
     rows: list[tuple[str, list[str]]] = [
         ("offered req/s", [f"{r['offered_rps']:,.0f}" for r in levels]),
         ("  issued req/s / max lag ms", [f"{r['issued_rps']:,.0f} / {r['max_schedule_lag_ms']:.1f}"
@@ -1422,7 +1456,7 @@ def overload_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         rows.append((f"{kind} /s", [cell(r)[0] for r in levels]))
         rows.append(("  latency p50 / p99 ms", [cell(r)[1] for r in levels]))
     rows += [
-        ("errors outside window", [str(sum(r["errors"].values())
+        ("not counted (in warm-up)", [str(sum(r["errors"].values())
                                        - sum(e["count"] for e in r["window_errors"].values()))
                                    for r in levels]),
         ("CPU% gateway/mock/gen/other", [cpu_cells(r) for r in levels]),
@@ -1622,6 +1656,8 @@ def failover_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         ok = counts.get("ok", 0)
         bad = sum(v for k, v in counts.items() if k != "ok")
         marks = "; ".join(f"{t:.1f}s {w}" for t, w in doc["events"] if s <= t < s + 1)
+        if s >= doc["duration_s"]:
+            marks = "(load stopped: requests in flight finishing)"
         bar = "#" * round(24 * ok / peak)
         print(f"{f'{s}-{s + 1}':>8} {ok:>6,} {bad:>6}  {bar:<24}  {marks}")
     spark = "".join(SPARK[round(timeline.get(s, {}).get("ok", 0) / peak * (len(SPARK) - 1))]
@@ -1679,11 +1715,29 @@ def failover_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     scenario_json(args, doc)
 
 
+def wait_quiet(max_wait_s: float) -> float:
+    """Wait at most ``max_wait_s`` for a second during which other processes used at most
+    ``NOISY_PCT`` % of a CPU; returns the last such figure (before anything is started)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        t0, busy0, own0 = time.monotonic(), machine_busy_seconds(), sum(os.times()[:2])
+        time.sleep(1.0)
+        own = sum(os.times()[:2]) - own0
+        pct = 100 * (machine_busy_seconds() - busy0 - own) / (time.monotonic() - t0)
+        if pct <= NOISY_PCT or time.monotonic() >= deadline:
+            return pct
+        print(f"other processes use {pct:.0f}% of a CPU; waiting for a quieter machine "
+              f"(at most {deadline - time.monotonic():.0f} s more)", file=sys.stderr)
+
+
 def run_scenario(args: argparse.Namespace) -> int:
     """``--scenario``: run it with every subprocess stopped at the end; print the report."""
     if not gateway_runnable():
         print("proxy/ is not runnable yet; no scenario to run", file=sys.stderr)
         return 1
+    if args.quiet_wait > 0 and (pct := wait_quiet(args.quiet_wait)) > NOISY_PCT:
+        print(f"warning: the machine is still busy ({pct:.0f}% of a CPU used by other "
+              "processes); running anyway", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="shepherd-load-") as tmp, \
             fleet_in(Path(tmp)) as fleet:
         try:
@@ -1771,6 +1825,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "on its port at --restart-at; /readyz polled every 100 ms, /metrics read at the end")
     add = scenario.add_argument
     add("--scenario", choices=("overload", "failover"), help="run this scenario instead")
+    add("--quiet-wait", type=float, default=15.0,
+        help=f"wait at most this many seconds, before starting, for a second in which other "
+        f"processes use at most {NOISY_PCT}%% of a CPU (0: do not wait)")
     add("--max-in-flight", type=int, default=16, help="overload: upstream max_in_flight")
     add("--max-queue", type=int, default=32, help="overload: upstream max_queue")
     add("--queue-timeout-ms", type=float, default=200.0, help="overload: queue_timeout")
