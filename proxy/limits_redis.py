@@ -22,6 +22,7 @@ Keys (``state.key_prefix`` first, default ``shepherd:``): ``<scope>:tat`` (GCRA)
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,7 +30,16 @@ import orjson
 import redis.asyncio as redis_asyncio
 from redis.exceptions import RedisError
 
-from proxy.limits import CONCURRENCY_RETRY_S, Demand, ScopeReport, StoreUnavailable, Verdict, emission_us
+from proxy.limits import (
+    CONCURRENCY_RETRY_S,
+    Budget,
+    Demand,
+    Scope,
+    ScopeReport,
+    StoreUnavailable,
+    Verdict,
+    emission_us,
+)
 
 #: The most operations sent in one EVALSHA.
 MAX_BATCH = 256
@@ -224,14 +234,23 @@ return cjson.encode(out)
 
 def _scopes_arg(demand: Demand) -> list[list[Any]]:
     """Scopes as the script reads them: [id, emission_us, burst, tpm, max_concurrent, rpm],
-    0 = none."""
+    0 = none (memoized: a key's scopes are the same objects on every request)."""
+    return _scopes_arg_of(demand.scopes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scopes_arg_of(scopes: tuple[Scope, ...]) -> list[list[Any]]:
     return [[s.scope_id, emission_us(s.emission_s) if s.rpm and s.burst else 0, s.burst or 0,
-             s.tpm or 0, s.max_concurrent or 0, s.rpm or 0] for s in demand.scopes]
+             s.tpm or 0, s.max_concurrent or 0, s.rpm or 0] for s in scopes]
 
 
 def _budget_arg(demand: Demand) -> list[Any]:
     """The budget as [key, tokens or -1, usd or -1, period_ms], or a period of 0 for none."""
-    b = demand.budget
+    return _budget_arg_of(demand.budget)
+
+
+@functools.lru_cache(maxsize=4096)
+def _budget_arg_of(b: Budget | None) -> list[Any]:
     if b is None:
         return ["", -1, -1, 0]
     return [b.key_name, -1 if b.tokens is None else b.tokens, -1.0 if b.usd is None else b.usd,
