@@ -10,9 +10,9 @@ A call that times out may still run once Redis is free; its acquires are then ca
 released, budget reservations refunded) with the next batch that gets through.
 
 Calls are micro-batched: the operations issued during one event-loop iteration go to Redis
-in one EVALSHA, each still applied atomically and in order. Under load this turns hundreds
-of round trips into a handful without delaying a lone request (the batch is sent on the next
-loop iteration, not after a timer).
+in one EVALSHA, each still applied atomically and in order (measured: about one EVALSHA per
+three requests at 32 connections), without delaying a lone request (the batch is sent on the
+next loop iteration, not after a timer).
 
 Keys (``state.key_prefix`` first, default ``shepherd:``): ``<scope>:tat`` (GCRA),
 ``<scope>:tb`` (token bucket), ``<scope>:leases`` (sorted set of lease ids by expiry),
