@@ -22,7 +22,7 @@ from proxy.auth import KeyStore
 from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
 from proxy.config import Settings
 from proxy.errors import OverloadedError
-from proxy.http_api import GATEWAY, Gateway, add_routes, gateway_middleware
+from proxy.http_api import GATEWAY, Gateway, add_request_id, add_routes, gateway_middleware
 from proxy.limits import DemandBuilder, Limiter, MemoryLimitStore
 from proxy.limits_redis import RedisLimitStore
 from proxy.observability import Metrics, Sample, configure_logging, flush_logs_periodically, log
@@ -69,6 +69,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_upstream_pools)
     app.cleanup_ctx.append(_health_probes)
     app.cleanup_ctx.append(_log_flusher)
+    app.on_response_prepare.append(add_request_id)
     app.on_shutdown.append(_on_shutdown)
     add_routes(app)
     return app

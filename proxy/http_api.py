@@ -128,10 +128,14 @@ def error_response(error: GatewayError) -> web.Response:
     return json_response(error.to_body(), error.http_status, error.headers())
 
 
+def _too_large(request: web.Request) -> RequestTooLargeError:
+    limit = request.app[GATEWAY].settings.server.max_body_bytes
+    return RequestTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
+
+
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        limit = request.app[GATEWAY].settings.server.max_body_bytes
-        return RequestTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
+        return _too_large(request)
     if isinstance(exc, web.HTTPMethodNotAllowed):
         return MethodNotAllowedError(f"Method {request.method} is not allowed for {request.path}.")
     if isinstance(exc, web.HTTPNotFound):
@@ -139,17 +143,26 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Gatewa
     return InvalidRequestError(exc.reason or "Bad request.", code=f"http_{exc.status}")
 
 
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+async def add_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streamed or not, carries ``x-request-id``."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["x-request-id"] = request_id
+
+
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, request-scoped log context, error shaping, access log and metrics."""
     ctx = RequestContext(new_request_id())
+    request[REQUEST_ID] = ctx.request_id
     token = request_context.set(ctx)
     status = 500
     try:
         response = await _handle(request, handler)
         status = CLIENT_CLOSED if ctx.client_closed else response.status
-        if not response.prepared:
-            response.headers["x-request-id"] = ctx.request_id
         return response
     except asyncio.CancelledError:
         status = CLIENT_CLOSED
@@ -207,11 +220,11 @@ async def read_body(request: web.Request) -> bytes:
     """
     limit = request.app[GATEWAY].settings.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise RequestTooLargeError(f"The request body exceeds the limit of {limit} bytes.")
+        raise _too_large(request)
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise RequestTooLargeError(f"The request body exceeds the limit of {limit} bytes.") from None
+        raise _too_large(request) from None
 
 
 def authenticate(request: web.Request) -> Principal:
@@ -359,8 +372,6 @@ async def serve_stream(request: web.Request, gateway: Gateway, job: StreamJob,
             raise log.error
         response = web.StreamResponse(headers={**_SSE_HEADERS, **charge.headers,
                                                "X-Stream-Id": log.stream_id})
-        if ctx is not None:
-            response.headers["x-request-id"] = ctx.request_id
         await response.prepare(request)
         try:
             await copy_log(response, log, gateway.settings.server.sse_keepalive_s)
@@ -478,10 +489,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream_response.status,
             headers=response_headers(upstream_response.headers, keep_encoding=True))
-        ctx = request_context.get()
-        if ctx is not None:
-            response.headers["x-request-id"] = ctx.request_id
         await response.prepare(request)
+        ctx = request_context.get()
         try:
             async for chunk in upstream_response.content.iter_any():
                 await response.write(chunk)
