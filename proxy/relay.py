@@ -229,6 +229,16 @@ def map_client_error(upstream: Upstream, exc: BaseException) -> GatewayError:
     return UpstreamConnectionError(f"Upstream {upstream.name} could not be reached ({type(exc).__name__}).")
 
 
+def request_error(upstream: Upstream, exc: BaseException) -> GatewayError:
+    """``map_client_error`` for a failure before any of the response arrived: there, a
+    server disconnect means a pooled keep-alive connection the upstream had already closed
+    (``stale``: the dispatcher redoes the attempt once on another connection)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamConnectionError(f"Upstream {upstream.name} closed a pooled connection.",
+                                       stale=True)
+    return map_client_error(upstream, exc)
+
+
 @dataclass(slots=True)
 class UnaryResult:
     """A whole upstream answer: ``status``, ``headers``, ``body`` and parsed ``usage``."""
@@ -260,11 +270,8 @@ async def send_unary(upstream: Upstream, method: str, path: str, body: bytes | N
         response = await upstream.session.request(
             method, upstream.url(path, query_string), data=body, timeout=upstream.unary_timeout,
             headers=upstream.request_headers(headers), allow_redirects=False)
-    except aiohttp.ServerDisconnectedError:
-        raise UpstreamConnectionError(f"Upstream {upstream.name} closed a pooled connection.",
-                                      stale=True) from None
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise map_client_error(upstream, exc) from None
+        raise request_error(upstream, exc) from None
     try:
         async with response:
             data = await response.read()
@@ -568,9 +575,8 @@ async def _open_stream(upstream: Upstream, path: str, body: bytes, headers: Head
             response = await upstream.session.post(
                 upstream.url(path), data=body, headers=upstream.request_headers(headers),
                 allow_redirects=False)
-    except aiohttp.ServerDisconnectedError:
-        raise UpstreamConnectionError(f"Upstream {upstream.name} closed a pooled connection.",
-                                      stale=True) from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise request_error(upstream, exc) from None
     if response.status >= 300:
         try:
             data = await response.read()
