@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy.admission import Admission
 from proxy.auth import KeyStore, Principal
 from proxy.balancer import Balancer
-from proxy.config import Settings
+from proxy.config import Settings, model_matches
 from proxy.errors import (
     GatewayError,
     InvalidRequestError,
@@ -453,7 +453,7 @@ def _model_entries(upstream: Upstream, result: UnaryResult | BaseException) -> l
         return []
     patterns = upstream.config.models
     return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)
-            and (patterns == ("*",) or m["id"] in patterns or "*" in patterns)]
+            and model_matches(patterns, m["id"])]
 
 
 async def retrieve_model(request: web.Request) -> web.StreamResponse:

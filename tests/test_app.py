@@ -152,3 +152,14 @@ async def test_metrics_count_upstream_errors_by_status(http: aiohttp.ClientSessi
     # routing.retry.attempts defaults to 3: three attempts, two of them retries
     assert 'shepherd_upstream_errors_total{kind="http_503",upstream="mock"} 3.0' in text
     assert 'shepherd_retries_total{reason="http_503",upstream="mock"} 2.0' in text
+
+
+async def test_models_list_keeps_upstream_models_matching_its_patterns(
+        start_gateway: StartGateway) -> None:
+    # The upstream serves "mock-*": its listed ids matching that pattern are shown, others not.
+    gw = await start_gateway(upstreams={"mock": {"models": ["mock-*"]}})
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as session, \
+            session.get(gw.url + "/v1/models") as response:
+        assert response.status == 200
+        ids = [m["id"] for m in (await response.json())["data"]]
+    assert sorted(ids) == ["mock-embed", "mock-gpt"]
