@@ -10,9 +10,11 @@ A call that times out may still run once Redis is free; its acquires are then ca
 released, budget reservations refunded) with the next batch that gets through.
 
 Calls are micro-batched: the operations issued during one event-loop iteration go to Redis
-in one EVALSHA, each still applied atomically and in order (measured: about one EVALSHA per
-three requests at 32 connections), without delaying a lone request (the batch is sent on the
-next loop iteration, not after a timer).
+in one EVALSHA, each still applied atomically and in order, without delaying a lone request
+(the batch is sent on the next loop iteration, not after a timer). Inside the script a batch
+runs against a write-back cache: each key is read at most once and written once, so Redis
+does a few commands per key per batch instead of some twenty per request (lease releases and
+budget settles are applied lazily, unless a check near its limit depends on them).
 
 Keys (``state.key_prefix`` first, default ``shepherd:``): ``<scope>:tat`` (GCRA),
 ``<scope>:tb`` (token bucket), ``<scope>:leases`` (sorted set of lease ids by expiry),
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -58,24 +60,112 @@ LUA = r"""
 local prefix = ARGV[1]
 local lease_ttl = tonumber(ARGV[2])
 local ops = cjson.decode(ARGV[3])
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])  -- exact: below 2^53
+local now_us = tonumber(ARGV[4])  -- a fixed clock, for tests; normally absent: Redis's TIME
+if not now_us then
+  local t = redis.call('TIME')
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])  -- exact: below 2^53
+end
 local now = math.floor(now_us / 1000)  -- milliseconds, for buckets, leases and budgets
 
-local function fmt(x) return string.format('%.3f', x) end
+-- Write-back cache: the ops of a batch run in order against these tables; each key is read
+-- at most once (on first use) and written once, after the last op. Lease releases and
+-- budget settles are applied lazily: only a check whose outcome they could change (a key at
+-- its max_concurrent, a budget that the pending settles could push over) resolves them first.
+local tats, buckets, leases, budgets = {}, {}, {}, {}
 
-local function level_of(key, cap, rate)
-  local v = redis.call('HMGET', key, 'v', 't')
-  if not v[1] then return cap end
-  return math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)
+local function fmt(x) return string.format('%.3f', x) end
+local function fmt_usd(x) return string.format('%.12f', x) end
+
+local function tat_of(key)
+  local e = tats[key]
+  if not e then
+    e = {v = tonumber(redis.call('GET', key) or '0'), dirty = false}
+    tats[key] = e
+  end
+  return e
 end
 
-local function store_level(key, level, cap, rate)
-  redis.call('HSET', key, 'v', fmt(level), 't', now)
-  redis.call('PEXPIRE', key, math.ceil((cap - level) / rate) + 1000)
+local function bucket_of(key, cap, rate)
+  local e = buckets[key]
+  if not e then
+    local v = redis.call('HMGET', key, 'v', 't')
+    local level = cap
+    if v[1] then level = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate) end
+    e = {v = level, cap = cap, rate = rate, dirty = false}
+    buckets[key] = e
+  end
+  return e
+end
+
+local function leases_of(key)
+  local e = leases[key]
+  if not e then
+    e = {n = nil, add = {}, rem = {}}
+    leases[key] = e
+  end
+  return e
+end
+
+-- Apply pending releases; n counted them as still held.
+local function release_pending(key, e)
+  if #e.rem > 0 then
+    local removed = redis.call('ZREM', key, unpack(e.rem))
+    if e.n then e.n = e.n - removed end
+    e.rem = {}
+  end
+end
+
+local function lease_count(key, e)
+  if not e.n then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    e.n = redis.call('ZCARD', key)
+  end
+  return e.n
+end
+
+local function release(key, id)
+  local e = leases_of(key)
+  if e.add[id] then
+    e.add[id] = nil
+    e.n = e.n - 1
+  else
+    table.insert(e.rem, id)
+  end
 end
 
 local function budget_key(b, window) return prefix .. 'budget:' .. b[1] .. ':' .. window end
+
+local function budget_of(key, expire_at)
+  local e = budgets[key]
+  if not e then
+    local spent = redis.call('HMGET', key, 'tok', 'usd')
+    e = {tok = tonumber(spent[1] or '0'), usd = tonumber(spent[2] or '0'), dtok = 0, dusd = 0,
+         res = {}, del = {}, gone = {}, pend = {}, up_tok = 0, up_usd = 0, expire_at = expire_at}
+    budgets[key] = e
+  end
+  return e
+end
+
+local function charge(e, tok, usd)
+  e.tok, e.usd, e.dtok, e.dusd = e.tok + tok, e.usd + usd, e.dtok + tok, e.dusd + usd
+end
+
+-- Apply pending settles: each only if its reservation is still held (an acquire cancelled
+-- after a timeout has none left).
+local function settle_pending(key, e)
+  if #e.pend == 0 then return end
+  local fields = {}
+  for i, p in ipairs(e.pend) do fields[i] = 'r:' .. p[1] end
+  local held = redis.call('HMGET', key, unpack(fields))
+  for i, p in ipairs(e.pend) do
+    if held[i] and not e.gone[fields[i]] then
+      charge(e, p[2], p[3])
+      table.insert(e.del, fields[i])
+      e.gone[fields[i]] = true
+    end
+  end
+  e.pend, e.up_tok, e.up_usd = {}, 0, 0
+end
 
 local function refuse(res, reason, retry)
   local rank = {budget = 3, tokens_too_large = 2}
@@ -92,9 +182,8 @@ local function check_scope(sc, op, res, commits)
   local sid, emission, burst, tpm, maxc = sc[1], sc[2], sc[3], sc[4], sc[5]
   local rep = {sid, -1, -1, -1, -1, -1, -1}
   if emission > 0 then  -- GCRA in integer microseconds, as proxy.limits.gcra_us
-    local key = prefix .. sid .. ':tat'
-    local tat = tonumber(redis.call('GET', key) or '0')
-    local base = math.max(tat, now_us)
+    local e = tat_of(prefix .. sid .. ':tat')
+    local base = math.max(e.v, now_us)
     local new_tat = base + emission
     local tol = burst * emission
     rep[2] = sc[6]
@@ -104,71 +193,79 @@ local function check_scope(sc, op, res, commits)
     else
       rep[3] = math.floor((tol - (new_tat - now_us)) / emission)
       rep[4] = (new_tat - now_us) / 1000
-      table.insert(commits, function()
-        redis.call('SET', key, string.format('%.0f', new_tat), 'PX',
-                   math.ceil((new_tat - now_us) / 1000) + 1000)
-      end)
+      table.insert(commits, {e, new_tat})
     end
   end
   if tpm > 0 then
-    local key = prefix .. sid .. ':tb'
     local rate = tpm / 60000
-    local level = level_of(key, tpm, rate)
-    local after = level - op.tok
+    local e = bucket_of(prefix .. sid .. ':tb', tpm, rate)
+    local after = e.v - op.tok
     local shown = after
-    if after < 0 then shown = level end
+    if after < 0 then shown = e.v end
     rep[5], rep[6], rep[7] = tpm, math.max(0, math.floor(shown)), (tpm - shown) / rate
     if op.tok > tpm then
       refuse(res, 'tokens_too_large', -1)
     elseif after < 0 then
       refuse(res, 'tokens', -after / rate)
     else
-      table.insert(commits, function() store_level(key, after, tpm, rate) end)
+      table.insert(commits, {e, after})
     end
   end
   if maxc > 0 then
     local key = prefix .. sid .. ':leases'
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    if redis.call('ZCARD', key) >= maxc then
+    local e = leases_of(key)
+    if lease_count(key, e) >= maxc then release_pending(key, e) end
+    if e.n >= maxc then
       refuse(res, 'concurrency', -2)
     else
-      table.insert(commits, function()
-        redis.call('ZADD', key, now + lease_ttl, op.id)
-        redis.call('PEXPIRE', key, 2 * lease_ttl)
-      end)
+      table.insert(commits, {e, 'lease'})
     end
   end
   table.insert(res.reports, rep)
 end
 
-local function check_budget(op, res, commits)
+local function check_budget(op, res)
   local b = op.b
   local period = b[4]
   local window = math.floor(now / period)
   local key = budget_key(b, window)
-  local spent = redis.call('HMGET', key, 'tok', 'usd')
-  local tok, usd = tonumber(spent[1] or '0'), tonumber(spent[2] or '0')
+  local e = budget_of(key, (window + 2) * period)
   res.window = window
-  if (b[2] >= 0 and tok + op.tok > b[2]) or (b[3] >= 0 and usd + op.usd > b[3] + 1e-12) then
-    refuse(res, 'budget', -1)
-    return
+  local function over(slack_tok, slack_usd)
+    return (b[2] >= 0 and e.tok + slack_tok + op.tok > b[2]) or
+           (b[3] >= 0 and e.usd + slack_usd + op.usd > b[3] + 1e-12)
   end
-  table.insert(commits, function()
-    redis.call('HINCRBY', key, 'tok', op.tok)
-    redis.call('HINCRBYFLOAT', key, 'usd', string.format('%.12f', op.usd))
-    -- the reservation, so a cancel after a timed-out call can refund exactly what was charged
-    redis.call('HSET', key, 'r:' .. op.id, op.tok .. ' ' .. string.format('%.12f', op.usd))
-    redis.call('PEXPIREAT', key, (window + 2) * period)
-  end)
+  if over(e.up_tok, e.up_usd) then
+    settle_pending(key, e)
+    if over(0, 0) then
+      refuse(res, 'budget', -1)
+      return nil
+    end
+  end
+  return e
 end
 
 local function acquire(op)
   local res = {ok = 1, reason = '', retry = 0, reports = {}, window = -1}
   local commits = {}
   for _, sc in ipairs(op.s) do check_scope(sc, op, res, commits) end
-  if op.b[4] > 0 then check_budget(op, res, commits) end
+  local budget = nil
+  if op.b[4] > 0 then budget = check_budget(op, res) end
   if res.ok == 1 then
-    for _, commit in ipairs(commits) do commit() end
+    for _, c in ipairs(commits) do
+      local e, v = c[1], c[2]
+      if v == 'lease' then
+        e.add[op.id] = now + lease_ttl
+        e.n = e.n + 1
+      else
+        e.v, e.dirty = v, true
+      end
+    end
+    if budget then
+      charge(budget, op.tok, op.usd)
+      -- the reservation, so a settle or a cancel knows what was charged
+      budget.res['r:' .. op.id] = op.tok .. ' ' .. fmt_usd(op.usd)
+    end
   end
   return {res.ok, res.reason, res.retry, res.reports, res.window}
 end
@@ -178,17 +275,22 @@ local function settle(op)
   for _, sc in ipairs(op.s) do
     local sid, tpm, maxc = sc[1], sc[4], sc[5]
     if tpm > 0 then
-      local key = prefix .. sid .. ':tb'
-      local rate = tpm / 60000
-      store_level(key, math.min(tpm, level_of(key, tpm, rate) - delta), tpm, rate)
+      local e = bucket_of(prefix .. sid .. ':tb', tpm, tpm / 60000)
+      e.v, e.dirty = math.min(tpm, e.v - delta), true
     end
-    if maxc > 0 then redis.call('ZREM', prefix .. sid .. ':leases', op.id) end
+    if maxc > 0 then release(prefix .. sid .. ':leases', op.id) end
   end
   if op.b[4] > 0 and op.w >= 0 then
     local key = budget_key(op.b, op.w)
-    if redis.call('HDEL', key, 'r:' .. op.id) == 1 then
-      redis.call('HINCRBY', key, 'tok', delta)
-      redis.call('HINCRBYFLOAT', key, 'usd', string.format('%.12f', op.ausd - op.usd))
+    local e = budget_of(key, (op.w + 2) * op.b[4])
+    local field = 'r:' .. op.id
+    local dusd = op.ausd - op.usd
+    if e.res[field] then
+      e.res[field] = nil
+      charge(e, delta, dusd)
+    else
+      table.insert(e.pend, {op.id, delta, dusd})
+      e.up_tok, e.up_usd = e.up_tok + math.max(0, delta), e.up_usd + math.max(0, dusd)
     end
   end
   return {1}
@@ -199,16 +301,27 @@ end
 -- is left alone (it refills within a minute).
 local function cancel(op)
   for _, sc in ipairs(op.s) do
-    if sc[5] > 0 then redis.call('ZREM', prefix .. sc[1] .. ':leases', op.id) end
+    if sc[5] > 0 then release(prefix .. sc[1] .. ':leases', op.id) end
   end
   if op.b[4] > 0 then
-    local key = budget_key(op.b, math.floor(now / op.b[4]))
-    local held = redis.call('HGET', key, 'r:' .. op.id)
+    local window = math.floor(now / op.b[4])
+    local key = budget_key(op.b, window)
+    local e = budget_of(key, (window + 2) * op.b[4])
+    settle_pending(key, e)
+    local field = 'r:' .. op.id
+    local held = e.res[field]
+    if held then
+      e.res[field] = nil
+    elseif not e.gone[field] then
+      held = redis.call('HGET', key, field)
+      if held then
+        table.insert(e.del, field)
+        e.gone[field] = true
+      end
+    end
     if held then
       local tok, usd = string.match(held, '^(%S+) (%S+)$')
-      redis.call('HINCRBY', key, 'tok', -tonumber(tok))
-      redis.call('HINCRBYFLOAT', key, 'usd', string.format('%.12f', -tonumber(usd)))
-      redis.call('HDEL', key, 'r:' .. op.id)
+      charge(e, -tonumber(tok), -tonumber(usd))
     end
   end
   return {1}
@@ -216,7 +329,12 @@ end
 
 local function refresh(op)
   for _, sc in ipairs(op.s) do
-    if sc[5] > 0 then redis.call('ZADD', prefix .. sc[1] .. ':leases', 'XX', now + lease_ttl, op.id) end
+    if sc[5] > 0 then
+      local key = prefix .. sc[1] .. ':leases'
+      if redis.call('ZADD', key, 'XX', 'CH', now + lease_ttl, op.id) == 1 then
+        redis.call('PEXPIRE', key, 2 * lease_ttl)  -- the set outlives its longest lease
+      end
+    end
   end
   return {1}
 end
@@ -227,6 +345,44 @@ for i, op in ipairs(ops) do
   elseif op.t == 's' then out[i] = settle(op)
   elseif op.t == 'c' then out[i] = cancel(op)
   else out[i] = refresh(op) end
+end
+
+-- Write back, each key with its TTL.
+for key, e in pairs(tats) do
+  if e.dirty then
+    redis.call('SET', key, string.format('%.0f', e.v), 'PX', math.ceil((e.v - now_us) / 1000) + 1000)
+  end
+end
+for key, e in pairs(buckets) do
+  if e.dirty then
+    redis.call('HSET', key, 'v', fmt(e.v), 't', now)
+    redis.call('PEXPIRE', key, math.ceil((e.cap - e.v) / e.rate) + 1000)
+  end
+end
+for key, e in pairs(leases) do
+  release_pending(key, e)
+  local args = {}
+  for id, expiry in pairs(e.add) do
+    table.insert(args, expiry)
+    table.insert(args, id)
+  end
+  if #args > 0 then
+    redis.call('ZADD', key, unpack(args))
+    redis.call('PEXPIRE', key, 2 * lease_ttl)
+  end
+end
+for key, e in pairs(budgets) do
+  settle_pending(key, e)
+  if #e.del > 0 then redis.call('HDEL', key, unpack(e.del)) end
+  local args = {}
+  for field, held in pairs(e.res) do
+    table.insert(args, field)
+    table.insert(args, held)
+  end
+  if #args > 0 then redis.call('HSET', key, unpack(args)) end
+  if e.dtok ~= 0 then redis.call('HINCRBY', key, 'tok', e.dtok) end
+  if e.dusd ~= 0 then redis.call('HINCRBYFLOAT', key, 'usd', fmt_usd(e.dusd)) end
+  if #args > 0 or e.dtok ~= 0 or e.dusd ~= 0 then redis.call('PEXPIREAT', key, e.expire_at) end
 end
 return cjson.encode(out)
 """
@@ -288,12 +444,15 @@ class RedisLimitStore:
         timeout_s: ``state.redis_timeout``: a batch not answered in time fails with
             ``StoreUnavailable`` (the limiter then falls back).
         lease_ttl_s: ``limits.lease_ttl``.
+        clock_us: ``None`` (the default): every batch reads Redis's own clock (``TIME``), one
+            clock for every gateway. A function returning Unix time in integer microseconds:
+            a fake clock, for tests.
     """
 
     name = "redis"
 
     def __init__(self, url: str, key_prefix: str = "shepherd:", timeout_s: float = 0.05,
-                 lease_ttl_s: float = 60.0) -> None:
+                 lease_ttl_s: float = 60.0, clock_us: Callable[[], int] | None = None) -> None:
         self.redis = redis_asyncio.Redis.from_url(
             url, socket_connect_timeout=max(timeout_s, 0.5), socket_timeout=max(timeout_s * 4, 1.0),
             health_check_interval=0, retry_on_timeout=False)
@@ -301,6 +460,7 @@ class RedisLimitStore:
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
         self.lease_ttl_ms = int(lease_ttl_s * 1000)
+        self.clock_us = clock_us
         self._pending: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._orphans: list[dict[str, Any]] = []  # acquires to cancel once Redis answers again
@@ -361,8 +521,11 @@ class RedisLimitStore:
     async def _run(self, batch: list[tuple[dict[str, Any], asyncio.Future[Any]]]) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
-                raw = await self.script(args=[self.key_prefix, self.lease_ttl_ms,
-                                              orjson.dumps([op for op, _ in batch])])
+                args: list[Any] = [self.key_prefix, self.lease_ttl_ms,
+                                   orjson.dumps([op for op, _ in batch])]
+                if self.clock_us is not None:
+                    args.append(self.clock_us())
+                raw = await self.script(args=args)
             results = orjson.loads(raw)
         except (RedisError, OSError, TimeoutError, orjson.JSONDecodeError) as exc:
             for _, future in batch:
