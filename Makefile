@@ -24,7 +24,8 @@ typecheck:  ## mypy --strict on proxy/
 	@scripts/install.sh >/dev/null && $(VENV)/bin/mypy
 
 load-test:  ## gateway vs bare aiohttp forwarder vs direct; ARGS="--duration 10" to tune
-	@scripts/install.sh >/dev/null && $(VENV)/bin/python scripts/loadtest.py $(ARGS)
+	@scripts/install.sh >/dev/null && scripts/install_loadtools.sh \
+		&& $(VENV)/bin/python scripts/loadtest.py $(ARGS)
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

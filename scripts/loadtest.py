@@ -4,7 +4,9 @@
         [--rate 200] [--targets gateway,bare,direct] [--json PATH] [--procs 1] [--no-pin]
         [--tokens 16] [--ttft-ms 0] [--token-delay-ms 0] [--timeout 10]
         [--state memory|redis] [--workers N] [--no-limits] [--redis-timeout 50ms]
-    .venv/bin/python scripts/loadtest.py --compare [--rounds 3] [--duration 5] ...
+        [--mock-engine aiohttp|fast]
+    .venv/bin/python scripts/loadtest.py --compare [--rounds 3] [--duration 5]
+        [--generator wrk|python] [--mock-engine fast|aiohttp] ...
     .venv/bin/python scripts/loadtest.py --scenario overload [--levels 1,2,3] [--max-in-flight 16]
         [--max-queue 32] [--queue-timeout-ms 200] [--ttft-ms 50] [--duration 5] [--warmup 1]
     .venv/bin/python scripts/loadtest.py --scenario failover [--concurrency 16] [--ttft-ms 20]
@@ -44,6 +46,22 @@ ratios redis / memory and workers=2 / workers=1 (about 2 minutes with the defaul
 during which other processes used more than 15% of a CPU is measured again
 (``--retries``), keeping the quietest.
 
+The load generator and the mock (``--generator python|wrk``, ``--mock-engine aiohttp|fast``):
+a gateway with two workers needs both CPUs of this machine, so the other parties of the test
+must cost little CPU per request or they take the second core from it. ``--compare``
+therefore defaults to ``wrk`` (C; measured at the 3-7k req/s of these runs: ~23 us CPU per
+request against ~36 us for the Python generator, most of either being loopback syscalls)
+and to the fast mock engine (``scripts/mock_fast.py``: the same answers from a cache, 15-20
+us per request at these rates against ~100 us for ``scripts/mock_upstream.py``). Without
+``wrk`` on PATH it falls back to the Python generator and the report says so (``make
+load-test`` tries to install it: ``scripts/install_loadtools.sh``). Every other run keeps
+the Python generator and the aiohttp mock, so its figures stay comparable with earlier ones.
+wrk runs closed-loop non-stream phases only, so ``--generator wrk`` needs ``--compare``:
+``--procs`` processes of ``wrk -t1``, first for ``--warmup`` seconds (discarded), then for
+``--duration`` minus that (whole seconds, wrk's unit), with a generated Lua script (the same
+request as the Python generator's) whose ``done()`` prints the figures as one JSON line;
+non-2xx answers count as errors (``HTTP non-2xx``), wrk's CPU time comes from ``os.wait4``.
+
 Setup, chosen so that the server under test is the only bottleneck where it can be (2 CPUs):
 
 * a single-process server under test (the bare forwarder, a one-worker gateway) is pinned
@@ -57,10 +75,10 @@ Setup, chosen so that the server under test is the only bottleneck where it can 
   the CPU of every party per request, and the ceiling that implies). Placement is applied
   before each phase (``sched_setaffinity`` on every thread of every process involved), so
   targets with different placements can run in one invocation.
-* the load generator is ``scripts/loadtest_client.py``: ``--procs`` separate processes on
-  uvloop with a raw HTTP/1.1 keep-alive client (an ``asyncio.Protocol`` that parses only
-  status, framing and SSE markers): ~26 us CPU per request against ~95 us for an aiohttp
-  ``ClientSession`` on this machine.
+* the load generator is ``scripts/loadtest_client.py`` (``--generator python``, or wrk,
+  see above): ``--procs`` separate processes on uvloop with a raw HTTP/1.1 keep-alive client
+  (an ``asyncio.Protocol`` that parses only status, framing and SSE markers): ~26 us CPU per
+  request against ~95 us for an aiohttp ``ClientSession`` on this machine.
 * the same mock settings, connection count and request body for every target.
 
 Besides requests/s, each phase reports the CPU time the process under test spent per
@@ -131,6 +149,11 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 CLIENT = ROOT / "scripts" / "loadtest_client.py"
+MOCK_SCRIPTS = {"aiohttp": ROOT / "scripts" / "mock_upstream.py",
+                "fast": ROOT / "scripts" / "mock_fast.py"}
+WRK_MISSING = ("note: wrk was not found on PATH, so the Python generator was used (more CPU per "
+               "request on the load side); install it with `apt-get install wrk` (Debian/Ubuntu; "
+               "`make load-test` tries) or `brew install wrk`")
 TARGETS = ("gateway", "bare", "direct")
 GATEWAY_KEY, MOCK_KEY = "sk-load-test", "sk-mock"
 BRIEF_BARE_RPS = 5700  # a bare aiohttp forwarder on one core of the reference machine
@@ -618,14 +641,19 @@ def parse_metrics(text: str) -> dict[str, float]:
 # -- one phase --------------------------------------------------------------------------
 
 
+def chat_body(args: argparse.Namespace, stream: bool) -> dict[str, Any]:
+    """The chat completion every generator sends (both generators, every phase)."""
+    return {"model": args.model, "max_tokens": args.tokens, "stream": stream,
+            "messages": [{"role": "user", "content": "Say hello."}]}
+
+
 def client_spec(target: Target, phase: Phase, args: argparse.Namespace,
                 share: int, start_at: float) -> dict[str, Any]:
     """The JSON spec for one generator process carrying ``share`` of 1/``procs``."""
-    body = {"model": args.model, "max_tokens": args.tokens, "stream": phase.stream,
-            "messages": [{"role": "user", "content": "Say hello."}]}
     return {
         "host": "127.0.0.1", "port": target.port, "path": "/v1/chat/completions",
-        "headers": {"Authorization": f"Bearer {target.api_key}"}, "body": body,
+        "headers": {"Authorization": f"Bearer {target.api_key}"},
+        "body": chat_body(args, phase.stream),
         "mode": phase.mode, "concurrency": split(args.concurrency, args.procs, share),
         "rate": args.rate / args.procs, "duration_s": args.duration,
         "warmup_s": args.warmup, "timeout_s": args.timeout, "max_connections": 512,
@@ -688,25 +716,38 @@ def await_clients(clients: dict[Path, subprocess.Popen[bytes]], label: str,
     return outputs
 
 
+@dataclass(frozen=True)
+class Load:
+    """What the load generators of one phase measured: ``merge``'s figures, their own CPU
+    seconds, and the CPU samples taken around the measured part."""
+
+    merged: dict[str, Any]
+    cpu_s: float
+    before: CpuSample
+    after: CpuSample
+
+
+@dataclass(frozen=True)
+class PhaseRun:
+    """One phase to run: the target, the phase, where the generators run, what to sample."""
+
+    target: Target
+    phase: Phase
+    label: str
+    cpus: frozenset[int]  # where the generators run
+    pids: dict[str, int]  # the parties whose CPU is sampled (``CpuSample.take``)
+    started_s: float = field(default_factory=time.time)  # for the progress bar
+
+
 def run_phase(target: Target, phase: Phase, args: argparse.Namespace, fleet: Fleet,
               services: Services, shown: Progress) -> dict[str, Any]:
     """Run one phase against ``target``; return its merged figures."""
-    label = f"{target.name} {phase.name}"
     load_side = apply_placement(target, services)
-    start_at = time.time() + 0.3
-    clients = {}
-    for i in range(args.procs):
-        spec = orjson.dumps(client_spec(target, phase, args, i, start_at)).decode()
-        out = fleet.log_dir / f"loadgen-{i}.json"
-        clients[out] = fleet.spawn("loadgen", [PYTHON, str(CLIENT), spec], load_side, out)
     pids = {"under_test": target.proc.pid if target.proc else services.mock_pid,
             **services.side_pids()}
-    time.sleep(max(0.0, start_at - time.time()))
-    before = CpuSample.take(pids)
-    outputs = await_clients(clients, label, start_at, args, shown)
-    after = CpuSample.take(pids)
-    merged = merge(outputs, args.duration - args.warmup)
-    loadgen_s = sum(o["cpu_s"] for o in outputs)
+    run = PhaseRun(target, phase, f"{target.name} {phase.name}", load_side, pids)
+    load = (run_wrk if args.generator == "wrk" else run_python)(run, args, fleet, shown)
+    before, after, merged, loadgen_s = load.before, load.after, load.merged, load.cpu_s
     used = after.used_since(before)
     merged["cpu_pct"] = cpu_use(before, after, loadgen_s, same=target.proc is None)
     issued = merged["issued"]
@@ -717,8 +758,159 @@ def run_phase(target: Target, phase: Phase, args: argparse.Namespace, fleet: Fle
     # whole machine can carry at most cpus * 1e6 / this many requests/s.
     total = loadgen_s + sum(v for k, v in used.items() if k != "under_test" or target.proc)
     merged["test_us_per_request"] = 1e6 * total / issued if issued else None
-    shown.finish(label, f"{merged['rps']:,.0f} req/s, {sum(merged['errors'].values())} errors")
+    shown.finish(run.label, f"{merged['rps']:,.0f} req/s, {sum(merged['errors'].values())} errors")
     return merged
+
+
+def run_python(run: PhaseRun, args: argparse.Namespace, fleet: Fleet,
+               shown: Progress) -> Load:
+    """The phase with ``--procs`` processes of ``scripts/loadtest_client.py``."""
+    start_at = time.time() + 0.3
+    clients = {}
+    for i in range(args.procs):
+        spec = orjson.dumps(client_spec(run.target, run.phase, args, i, start_at)).decode()
+        out = fleet.log_dir / f"loadgen-{i}.json"
+        clients[out] = fleet.spawn("loadgen", [PYTHON, str(CLIENT), spec], run.cpus, out)
+    time.sleep(max(0.0, start_at - time.time()))
+    before = CpuSample.take(run.pids)
+    outputs = await_clients(clients, run.label, start_at, args, shown)
+    after = CpuSample.take(run.pids)
+    return Load(merge(outputs, args.duration - args.warmup), sum(o["cpu_s"] for o in outputs),
+                before, after)
+
+
+# -- wrk --------------------------------------------------------------------------------
+
+#: wrk's ``done()`` hook: the figures of the run as one JSON line on stdout (wrk's summary
+#: has durations in us; errors.status counts answers with a status above 399).
+WRK_DONE = r"""
+function done(summary, latency, requests)
+  local e = summary.errors
+  local function ms(us) return us / 1000 end
+  io.write(string.format('{"requests":%d,"duration_s":%.6f,"errors":{"connect":%d,' ..
+    '"read":%d,"write":%d,"status":%d,"timeout":%d},"latency_ms":{"p50":%.3f,' ..
+    '"p90":%.3f,"p99":%.3f,"p99.9":%.3f,"mean":%.3f,"max":%.3f}}\n',
+    summary.requests, summary.duration / 1e6, e.connect, e.read, e.write, e.status,
+    e.timeout, ms(latency:percentile(50)), ms(latency:percentile(90)),
+    ms(latency:percentile(99)), ms(latency:percentile(99.9)), ms(latency.mean),
+    ms(latency.max)))
+end
+"""
+WRK_ERRORS = {"status": "HTTP non-2xx", "connect": "connect error", "read": "read error",
+              "write": "write error", "timeout": "timeout"}
+
+
+def lua_string(text: str) -> str:
+    """``text`` as a Lua long string literal ``[==[...]==]`` (nothing to escape)."""
+    level = 0
+    while (closer := f"]{'=' * level}]") in text + closer[:-1]:
+        level += 1
+    return f"[{'=' * level}[{text}{closer}"
+
+
+def wrk_script(target: Target, phase: Phase, args: argparse.Namespace) -> str:
+    """The Lua script for wrk: the Python generator's request, and ``WRK_DONE``."""
+    body = orjson.dumps(chat_body(args, phase.stream)).decode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {target.api_key}"}
+    lines = ['wrk.method = "POST"', f"wrk.body = {lua_string(body)}"]
+    lines += [f"wrk.headers[ {lua_string(k)} ] = {lua_string(v)}" for k, v in headers.items()]
+    return "\n".join(lines) + "\n" + WRK_DONE
+
+
+def wrk_seconds(args: argparse.Namespace) -> tuple[int, int]:
+    """(warm-up, measured) seconds of the wrk runs: whole seconds, wrk's ``-d`` unit."""
+    return round(args.warmup), max(1, round(args.duration - args.warmup))
+
+
+def spawn_wrk(run: PhaseRun, args: argparse.Namespace, fleet: Fleet, script: Path,
+              seconds: int) -> dict[Path, subprocess.Popen[bytes]]:
+    """``--procs`` processes of ``wrk -t1`` sharing ``--concurrency`` connections."""
+    url = f"http://127.0.0.1:{run.target.port}/v1/chat/completions"
+    procs = {}
+    for i in range(args.procs):
+        argv = [shutil.which("wrk") or "wrk", "-t1", f"-c{split(args.concurrency, args.procs, i)}",
+                f"-d{seconds}s", "--timeout", f"{math.ceil(args.timeout)}s", "-s", str(script), url]
+        out = fleet.log_dir / f"wrk-{i}.out"
+        procs[out] = fleet.spawn("wrk", argv, run.cpus, out)
+    return procs
+
+
+def reap(proc: subprocess.Popen[bytes], block: bool = False) -> float | None:
+    """CPU seconds (user + system, from ``os.wait4``) of ``proc`` once it has exited, which
+    reaps it (its ``returncode`` is set); None while it runs (``block``: wait for it)."""
+    pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def await_wrk(procs: dict[Path, subprocess.Popen[bytes]], run: PhaseRun,
+              args: argparse.Namespace, shown: Progress, seconds: int) -> list[dict[str, Any]]:
+    """Wait for every wrk process of a ``seconds`` run, showing progress; kill any that
+    overruns its bound (then raise). Returns their ``done()`` figures plus ``cpu_s``."""
+    deadline = time.time() + seconds + args.timeout + 5
+    cpu: dict[Path, float] = {}
+    while len(cpu) < len(procs):
+        for out, proc in procs.items():
+            if out not in cpu and (used := reap(proc)) is not None:
+                cpu[out] = used
+        if time.time() > deadline:
+            for out, proc in procs.items():
+                if out not in cpu:
+                    proc.kill()
+                    reap(proc, block=True)
+            raise RuntimeError(f"wrk overran its {seconds} s run in {run.label}")
+        shown.draw(run.label, time.time() - run.started_s, args.duration)
+        time.sleep(0.05)
+    return [wrk_figures(out, proc, cpu[out]) for out, proc in procs.items()]
+
+
+def wrk_figures(out: Path, proc: subprocess.Popen[bytes], cpu_s: float) -> dict[str, Any]:
+    """The JSON line ``WRK_DONE`` printed (the last line of ``out`` starting with ``{``)."""
+    text = out.read_text(errors="replace")
+    found = [line for line in text.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not found:
+        log = (out.parent / "wrk.log").read_text(errors="replace")[-1000:]
+        raise RuntimeError(f"wrk exited with {proc.returncode}:\n{text[-1000:]}{log}")
+    figures: dict[str, Any] = orjson.loads(found[-1])
+    return {**figures, "cpu_s": cpu_s}
+
+
+def merge_wrk(outputs: list[dict[str, Any]], warmup: list[dict[str, Any]]) -> dict[str, Any]:
+    """``merge``'s figures from the wrk processes of the measured run; errors of the warm-up
+    run count too, as the Python generator counts them over the whole phase. With several
+    processes the percentiles are their request-weighted means (an approximation)."""
+    ok = [o["requests"] - o["errors"]["status"] for o in outputs]
+    issued = sum(o["requests"] for o in outputs)
+    errors: Counter[str] = Counter()
+    for output in outputs + warmup:
+        errors.update({WRK_ERRORS[k]: n for k, n in output["errors"].items() if n})
+    latency = None
+    if issued:
+        latency = {k: sum(o["requests"] * o["latency_ms"][k] for o in outputs) / issued
+                   for k in ("p50", "p90", "p99", "p99.9", "mean")}
+        latency["max"] = max(o["latency_ms"]["max"] for o in outputs)
+    return {"ok": sum(ok), "rps": sum(n / o["duration_s"] for n, o in zip(ok, outputs, strict=True)),
+            "issued": issued, "errors": dict(errors), "latency_ms": latency, "ttft_ms": None,
+            "max_schedule_lag_ms": 0.0}
+
+
+def run_wrk(run: PhaseRun, args: argparse.Namespace, fleet: Fleet, shown: Progress) -> Load:
+    """The phase with wrk: a warm-up run (figures dropped), then the measured run, with the
+    CPU of every party sampled around the measured run only."""
+    script = fleet.log_dir / "wrk.lua"
+    script.write_text(wrk_script(run.target, run.phase, args))
+    warmup_s, window_s = wrk_seconds(args)
+    warmup = []
+    if warmup_s:
+        warmup = await_wrk(spawn_wrk(run, args, fleet, script, warmup_s), run, args, shown,
+                           warmup_s)
+    before = CpuSample.take(run.pids)
+    outputs = await_wrk(spawn_wrk(run, args, fleet, script, window_s), run, args, shown,
+                        window_s)
+    after = CpuSample.take(run.pids)
+    return Load(merge_wrk(outputs, warmup), sum(o["cpu_s"] for o in outputs), before, after)
 
 
 @dataclass(frozen=True)
@@ -1035,13 +1227,24 @@ def header(args: argparse.Namespace, targets: list[Target], services: Services) 
         lines.append(f"load key limits: rpm {LOAD_LIMITS['rpm']:,}, tpm {LOAD_LIMITS['tpm']:,}, "
                      f"max_concurrent {LOAD_LIMITS['max_concurrent']:,}, budget "
                      f"{budget['tokens']:.0e} tokens per {budget['period']} (never reached)")
-    lines.append(f"load: {args.procs} generator process(es), raw HTTP/1.1 keep-alive client, "
-                 f"{args.concurrency} closed-loop connections, {args.duration:g} s per "
-                 f"phase ({args.warmup:g} s warm-up not counted)"
+    lines.append(f"load: {generator_text(args)}, {args.concurrency} closed-loop connections, "
+                 f"{args.duration:g} s per phase ({args.warmup:g} s warm-up not counted)"
                  + ("" if args.compare else f"; open loop at {args.rate:g} req/s"))
-    lines.append(f"mock: {args.tokens} tokens per answer, ttft {args.ttft_ms:g} ms, "
+    lines.append(f"mock: {args.mock_engine} engine ({Path(args.mock_script).name}), "
+                 f"{args.tokens} tokens per answer, ttft {args.ttft_ms:g} ms, "
                  f"token delay {args.token_delay_ms:g} ms")
+    if args.wrk_note:
+        lines.append(args.wrk_note)
     return "\n".join(lines)
+
+
+def generator_text(args: argparse.Namespace) -> str:
+    if args.generator == "wrk":
+        warmup_s, window_s = wrk_seconds(args)
+        return (f"generator wrk ({args.procs} process(es) of wrk -t1, {warmup_s} s warm-up run "
+                f"then {window_s} s measured)")
+    return (f"generator python ({args.procs} process(es) of loadtest_client.py, raw HTTP/1.1 "
+            "keep-alive client)")
 
 
 def fmt_cpus(cpus: frozenset[int]) -> str:
@@ -1269,10 +1472,9 @@ def scenario_spec(args: argparse.Namespace, port: int, start_at: float, *, mode:
                   classify: list[list[str]] | None = None, timeline_s: float | None = None,
                   max_connections: int = 1024) -> dict[str, Any]:
     """A generator spec: non-stream chat completions to the gateway."""
-    body = {"model": args.model, "max_tokens": args.tokens, "stream": False,
-            "messages": [{"role": "user", "content": "Say hello."}]}
     return {"host": "127.0.0.1", "port": port, "path": "/v1/chat/completions",
-            "headers": {"Authorization": f"Bearer {GATEWAY_KEY}"}, "body": body,
+            "headers": {"Authorization": f"Bearer {GATEWAY_KEY}"},
+            "body": chat_body(args, stream=False),
             "mode": mode, "concurrency": concurrency, "rate": rate, "duration_s": duration_s,
             "warmup_s": warmup_s, "timeout_s": args.timeout, "max_connections": max_connections,
             "start_at": start_at, "classify": classify or [], "timeline_s": timeline_s}
@@ -1800,8 +2002,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--token-delay-ms", type=float, default=0.0, help="mock delay between tokens")
     add("--model", default="mock-gpt", help="model name sent in every request")
     add("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    add("--mock-script", default=str(ROOT / "scripts" / "mock_upstream.py"),
-        help="the mock upstream to start (takes --port/--ttft-ms/--token-delay-ms/--tokens)")
+    add("--generator", choices=("python", "wrk"),
+        help="load generator: python (scripts/loadtest_client.py, every phase) or wrk "
+        "(closed-loop non-stream only, so --compare only); default: wrk for --compare when "
+        "installed, else python")
+    add("--mock-engine", choices=("aiohttp", "fast"),
+        help="mock upstream: aiohttp (scripts/mock_upstream.py, every knob) or fast "
+        "(scripts/mock_fast.py, same answers at ~1/10 of the CPU); default: fast for "
+        "--compare, else aiohttp")
+    add("--mock-script", help="the mock upstream to start, instead of the --mock-engine's "
+        "(takes --port/--ttft-ms/--token-delay-ms/--tokens)")
     add("--state", choices=("memory", "redis"), default="memory",
         help="the gateway's limit store; redis: a private redis-server is started")
     add("--workers", type=int, default=1, help="gateway worker processes (> 1 needs redis)")
@@ -1862,7 +2072,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("need --workers >= 1, --rounds >= 1 and --retries >= 0")
     if args.workers > 1 and args.state != "redis" and not args.compare:
         parser.error("--workers > 1 needs --state redis (the gateway refuses memory state)")
+    choose_load_tools(args, parser)
     return args
+
+
+def choose_load_tools(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Settle ``--generator`` and ``--mock-engine``/``--mock-script``: ``--compare`` defaults
+    to wrk (the Python generator and a note in the report if wrk is missing) and the fast
+    mock; everything else to the Python generator and the aiohttp mock."""
+    args.wrk_note = None
+    if args.generator == "wrk" and (args.scenario or not args.compare):
+        parser.error("--generator wrk runs closed-loop non-stream phases only: use it with "
+                     "--compare (the default run has stream and open-loop phases, the "
+                     "scenarios open loops)")
+    if args.generator == "wrk" and shutil.which("wrk") is None:
+        parser.error("--generator wrk: wrk is not on PATH (apt-get install wrk)")
+    if args.generator is None:
+        wrk = args.compare and not args.scenario
+        if wrk and shutil.which("wrk") is None:
+            wrk, args.wrk_note = False, WRK_MISSING
+        args.generator = "wrk" if wrk else "python"
+    if args.generator == "wrk" and args.procs > args.concurrency:
+        parser.error("--generator wrk needs --procs <= --concurrency (one connection each)")
+    if args.mock_engine is None:
+        args.mock_engine = "fast" if args.compare and not args.scenario else "aiohttp"
+        if args.mock_script is not None:
+            args.mock_engine = "custom"
+    if args.mock_script is None:
+        args.mock_script = str(MOCK_SCRIPTS[args.mock_engine])
 
 
 def setup_json(args: argparse.Namespace, targets: list[Target],
