@@ -163,3 +163,21 @@ async def test_models_list_keeps_upstream_models_matching_its_patterns(
         assert response.status == 200
         ids = [m["id"] for m in (await response.json())["data"]]
     assert sorted(ids) == ["mock-embed", "mock-gpt"]
+
+
+async def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> None:
+    import gc
+
+    from proxy.app import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    app = create_app(load_settings(base_config("http://127.0.0.1:9/v1"), env={}))
+    try:
+        await tune_gc(app)
+        assert gc.get_freeze_count() > 10_000  # at least the modules' objects
+        assert gc.get_threshold() == GC_THRESHOLDS
+        # the old generation that a full collection scans is (nearly) empty
+        assert len(gc.get_objects(generation=2)) < 1_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
