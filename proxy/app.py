@@ -248,12 +248,26 @@ async def tune_gc(app: web.Application) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
-    """One gateway process on uvloop (``web.run_app``), until SIGINT/SIGTERM."""
+def worker_cpu(index: int) -> int | None:
+    """The CPU that worker ``index`` (0-based) runs on with ``server.cpu_affinity``: the
+    ``index``-th, modulo their count, of the CPUs this process may use; ``None`` where the
+    platform cannot pin (no ``os.sched_setaffinity``: not Linux)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[index % len(allowed)]
+
+
+def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool, index: int = 0) -> None:
+    """One gateway process on uvloop (``web.run_app``), until SIGINT/SIGTERM. ``index``: the
+    worker's number (0 for a single process), which picks its CPU with ``server.cpu_affinity``."""
     import uvloop
 
     configure_logging()
-    log.info("starting", extra={"host": host, "port": port, "pid": os.getpid(),
+    cpu = worker_cpu(index) if settings.server.cpu_affinity else None
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    log.info("starting", extra={"host": host, "port": port, "pid": os.getpid(), "cpu": cpu,
                                 "upstreams": list(settings.upstreams), "state": settings.state.backend})
     app = create_app(settings)
     app.on_startup.append(tune_gc)  # last: after every other startup step has built its state
@@ -296,7 +310,7 @@ class WorkerSupervisor:
         self._gave_up = False
 
     def run(self) -> int:
-        self._procs = [self._start() for _ in range(self._count)]
+        self._procs = [self._start(i) for i in range(self._count)]
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         while not self._stopping:
@@ -308,8 +322,8 @@ class WorkerSupervisor:
             proc.join()
         return 0 if not self._gave_up and all(p.exitcode == 0 for p in self._procs) else 1
 
-    def _start(self) -> multiprocessing.process.BaseProcess:
-        proc = self._context.Process(target=serve_worker, args=self._args, daemon=False)
+    def _start(self, index: int) -> multiprocessing.process.BaseProcess:
+        proc = self._context.Process(target=serve_worker, args=(*self._args, index), daemon=False)
         proc.start()
         return proc
 
@@ -322,7 +336,7 @@ class WorkerSupervisor:
             self._stop(signal.SIGTERM, None)
             return
         log.warning("worker exited; restarting", extra={"pid": old.pid, "code": old.exitcode})
-        self._procs[index] = self._start()
+        self._procs[index] = self._start(index)
 
     def _stop(self, signum: int, _frame: object) -> None:
         self._stopping = True

@@ -108,6 +108,7 @@ class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1)
+    cpu_affinity: bool = False
     max_body_bytes: SizeBytes = 10 * 2**20
     sse_keepalive_s: PositiveDurationS = Field(15.0, alias="sse_keepalive")
     drain_timeout_s: DurationS = Field(30.0, alias="drain_timeout")

@@ -191,12 +191,14 @@ class GatewaySpec:
     workers: int = 1
     limits: bool = True
     redis_timeout: str | None = None  # ``state.redis_timeout``; None: the gateway's default
+    cpu_affinity: bool = False  # ``server.cpu_affinity``: worker i pinned to CPU i
 
     def describe(self) -> str:
         limits = "load key limited (every limiter path)" if self.limits else "no limits"
         timeout = f", redis_timeout {self.redis_timeout}" if (
             self.state == "redis" and self.redis_timeout) else ""
-        return f"{self.state} store{timeout}, {self.workers} worker(s), {limits}"
+        affinity = ", cpu_affinity (worker i on CPU i)" if self.cpu_affinity else ""
+        return f"{self.state} store{timeout}, {self.workers} worker(s){affinity}, {limits}"
 
 
 @dataclass(frozen=True)
@@ -433,7 +435,7 @@ def gateway_config(name: str, spec: GatewaySpec, services: Services, directory: 
         if spec.redis_timeout:
             state["redis_timeout"] = spec.redis_timeout
     config = {
-        "server": {"host": "127.0.0.1", "port": 8080},
+        "server": {"host": "127.0.0.1", "port": 8080, "cpu_affinity": spec.cpu_affinity},
         "state": state,
         "upstreams": {"mock": {"base_url": f"http://127.0.0.1:{services.mock_port}/v1",
                                "api_key": MOCK_KEY, "models": ["*"], "max_connections": 200}},
@@ -1265,6 +1267,8 @@ def compare_plans(args: argparse.Namespace) -> list[Plan]:
         Plan("redis w1 unpinned", "gateway", GatewaySpec("redis", 1, redis_timeout=timeout),
              pin=False),
         Plan("redis w2", "gateway", GatewaySpec("redis", 2, redis_timeout=timeout)),
+        Plan("redis w2 affinity", "gateway",
+             GatewaySpec("redis", 2, redis_timeout=timeout, cpu_affinity=True)),
     ]
 
 
@@ -1355,6 +1359,7 @@ def compare_ratios(targets: list[Target]) -> list[tuple[str, str, str, str]]:
         ("limits on / off (memory, 1 worker)", "memory w1", "memory w1 no-limits"),
         ("workers 2 / 1 (redis, both unpinned)", "redis w2", "redis w1 unpinned"),
         ("workers 2 / 1 (redis, w1 pinned)", "redis w2", "redis w1"),
+        ("workers 2 cpu_affinity / 1 pinned (redis)", "redis w2 affinity", "redis w1"),
         ("gateway memory w1 / bare", "memory w1", "bare"),
         ("gateway redis w2 / bare", "redis w2", "bare"),
     ]

@@ -538,3 +538,28 @@ async def test_workers_with_memory_backend_are_refused(
         code = await gateway.proc.wait()
     assert code == 2, gateway.log_text()
     assert "redis" in gateway.log_text().lower()
+
+
+def _cpus_allowed(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list for {pid}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc") or len(os.sched_getaffinity(0)) < 2,
+                    reason="reads worker CPUs from /proc; needs two CPUs")
+async def test_cpu_affinity_pins_each_worker_to_its_own_cpu(
+        redis_server: RedisServer, mock_upstream: MockUpstream,
+        gateway_process: StartGatewayProcess) -> None:
+    config = redis_config(mock_upstream, redis_server, {"tester": {}})
+    config["server"] = {**config.get("server", {}), "cpu_affinity": True}
+    gateway = await gateway_process(config, port=free_port(), workers=2)
+    async with asyncio.timeout(8):
+        while len(workers := _listening_pids(gateway.log_text())) < 2:
+            assert gateway.proc.returncode is None, gateway.log_text()
+            await asyncio.sleep(0.1)
+    first_two = [str(cpu) for cpu in sorted(os.sched_getaffinity(0))[:2]]
+    assert sorted(_cpus_allowed(pid) for pid in workers) == sorted(first_two), workers
+    async with client() as session, asyncio.timeout(10):
+        assert (await post(session, gateway.url, chat_body())).status == 200
