@@ -24,11 +24,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import redis.asyncio as redis_asyncio
 from hypothesis import HealthCheck, event, given, note, seed, settings
 from hypothesis import strategies as st
 
-from proxy.limits import Budget, Demand, Scope, Verdict
+from proxy.limits import Budget, Demand, Scope, StoreUnavailable, Verdict
 from proxy.limits_redis import RedisLimitStore, _budget_arg, _scopes_arg
 from tests.integration.conftest import RedisServer
 
@@ -487,4 +488,39 @@ async def test_refreshed_lease_keeps_its_slot_past_the_lease_set_ttl(redis_serve
         assert refused.reason == "concurrency"
     finally:
         await r.aclose()
+        await store.close()
+
+
+async def test_a_stalled_event_loop_is_not_taken_for_a_slow_redis(redis_server: RedisServer) -> None:
+    """The loop stalls (a long callback, a collection) right after a batch was sent, past
+    ``timeout_s``: Redis answered in time and the answer is in the socket, so the call
+    succeeds instead of falling back. A Redis that really is slow still times out."""
+    demand = Demand((Scope("lag", max_concurrent=5),), 1, 0.0, None)
+    store = RedisLimitStore(redis_server.url, key_prefix=f"t-{uuid.uuid4().hex}:", timeout_s=0.05)
+    send = store.script
+
+    async def send_then_stall(args: list[Any]) -> Any:
+        answer = asyncio.ensure_future(send(args=args))
+        await asyncio.sleep(0)  # the command is written to Redis
+        time.sleep(0.15)        # ... and the whole loop stalls for 3 timeouts
+        return await answer
+
+    try:
+        assert (await store.acquire(demand, "warm")).allowed   # connected, script loaded
+        store.script = send_then_stall  # type: ignore[assignment]
+        assert (await store.acquire(demand, "late")).allowed
+
+        blocker = redis_asyncio.Redis.from_url(redis_server.url)
+        try:
+            spin = asyncio.ensure_future(blocker.eval(
+                "local t = redis.call('TIME') local s = t[1] * 1000000 + t[2] "
+                "repeat local n = redis.call('TIME') until n[1] * 1000000 + n[2] - s > 300000", 0))
+            await asyncio.sleep(0.05)
+            store.script = send
+            with pytest.raises(StoreUnavailable):
+                await store.acquire(demand, "slow")
+            await spin
+        finally:
+            await blocker.aclose()
+    finally:
         await store.close()
