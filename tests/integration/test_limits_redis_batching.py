@@ -502,7 +502,7 @@ async def test_a_stalled_event_loop_is_not_taken_for_a_slow_redis(redis_server: 
     async def send_then_stall(args: list[Any]) -> Any:
         answer = asyncio.ensure_future(send(args=args))
         await asyncio.sleep(0)  # the command is written to Redis
-        time.sleep(0.15)        # ... and the whole loop stalls for 3 timeouts
+        time.sleep(0.15)  # noqa: ASYNC251 -- the point: the whole loop stalls for 3 timeouts
         return await answer
 
     try:
