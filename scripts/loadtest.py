@@ -2013,7 +2013,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "installed, else python")
     add("--mock-engine", choices=("aiohttp", "fast"),
         help="mock upstream: aiohttp (scripts/mock_upstream.py, every knob) or fast "
-        "(scripts/mock_fast.py, same answers at ~1/10 of the CPU); default: fast for "
+        "(scripts/mock_fast.py, same answers at a fifth or less of the CPU); default: fast for "
         "--compare, else aiohttp")
     add("--mock-script", help="the mock upstream to start, instead of the --mock-engine's "
         "(takes --port/--ttft-ms/--token-delay-ms/--tokens)")

@@ -34,6 +34,14 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 15.0
+#: A script that keeps Redis busy (it serves nothing else meanwhile) for ARGV[1] ms: a slow
+#: Redis, for the timeout and fallback tests.
+SPIN_LUA = """
+local function ms() local t = redis.call('TIME') return t[1] * 1000 + math.floor(t[2] / 1000) end
+local start = ms()
+while ms() - start < tonumber(ARGV[1]) do end
+return ms() - start
+"""
 
 
 def free_port() -> int:

@@ -28,7 +28,13 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from tests.conftest import CLIENT_KEY, MockUpstream, base_config, merge
-from tests.integration.conftest import GatewayProcess, RedisServer, StartGatewayProcess, free_port
+from tests.integration.conftest import (
+    SPIN_LUA,
+    GatewayProcess,
+    RedisServer,
+    StartGatewayProcess,
+    free_port,
+)
 
 CHAT_PATH = "/v1/chat/completions"
 MODEL = "mock-gpt"
@@ -406,14 +412,6 @@ async def test_openai_sdk_honours_retry_after(
 # --- 8. a slow Redis must not leave leases behind -----------------------------------------
 
 #: A script that keeps Redis busy (single-threaded: every other client waits) for ARGV[1] ms.
-SPIN_LUA = """
-local function ms() local t = redis.call('TIME') return t[1] * 1000 + math.floor(t[2] / 1000) end
-local start = ms()
-while ms() - start < tonumber(ARGV[1]) do end
-return ms() - start
-"""
-
-
 async def test_slow_redis_does_not_leak_concurrency_leases(
         redis_server: RedisServer, mock_upstream: MockUpstream,
         gateway_process: StartGatewayProcess) -> None:

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from proxy.limits import Budget, Demand, Scope, StoreUnavailable, Verdict
 from proxy.limits_redis import RedisLimitStore, _budget_arg, _scopes_arg
-from tests.integration.conftest import RedisServer
+from tests.integration.conftest import SPIN_LUA, RedisServer
 
 LEASE_TTL_S = 60.0
 #: Relative TTLs (``PX``, ``PEXPIRE``) are set a few milliseconds apart in the two runs.
@@ -512,9 +512,7 @@ async def test_a_stalled_event_loop_is_not_taken_for_a_slow_redis(redis_server: 
 
         blocker = redis_asyncio.Redis.from_url(redis_server.url)
         try:
-            spin = asyncio.ensure_future(blocker.eval(
-                "local t = redis.call('TIME') local s = t[1] * 1000000 + t[2] "
-                "repeat local n = redis.call('TIME') until n[1] * 1000000 + n[2] - s > 300000", 0))
+            spin = asyncio.ensure_future(blocker.eval(SPIN_LUA, 0, 300))
             await asyncio.sleep(0.05)
             store.script = send
             with pytest.raises(StoreUnavailable):
