@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import create_app
+from proxy.app import GC_THRESHOLDS, create_app, tune_gc
 from proxy.config import load_settings
 from proxy.http_api import GATEWAY
 from tests.conftest import CLIENT_KEY, MockUpstream, RunningGateway, StartGateway, base_config, merge
@@ -166,10 +167,6 @@ async def test_models_list_keeps_upstream_models_matching_its_patterns(
 
 
 async def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> None:
-    import gc
-
-    from proxy.app import GC_THRESHOLDS, tune_gc
-
     before = gc.get_threshold()
     app = create_app(load_settings(base_config("http://127.0.0.1:9/v1"), env={}))
     try:
