@@ -142,7 +142,9 @@ def build_limiter(settings: Settings, metrics: Metrics) -> Limiter:
     if state.backend == "memory":
         return Limiter(MemoryLimitStore(ttl_s))
     store = RedisLimitStore(state.redis_url.get_secret_value(), state.key_prefix,
-                            state.redis_timeout_s, ttl_s)
+                            state.redis_timeout_s, ttl_s, block_ttl_s=settings.limits.block_ttl_s,
+                            block_max_requests=settings.limits.block_max_requests,
+                            on_block_admission=metrics.limit_block_admissions.inc)
     return Limiter(store, MemoryLimitStore(ttl_s), state.on_redis_error,
                    on_fallback=metrics.limit_store_fallbacks.inc)
 

@@ -136,10 +136,16 @@ class LimitsConfig(_Frozen):
     ``default_reserve_tokens``: completion tokens reserved against TPM and budgets when a
     request sets no ``max_tokens``. ``lease_ttl``: how long a concurrency lease outlives a
     process that died holding it (live leases are refreshed every third of it).
+    ``block_ttl`` and ``block_max_requests`` (Redis backend only): a busy key far from its
+    limits is admitted from blocks of quota taken from Redis, each usable for ``block_ttl``
+    and holding at most ``block_max_requests`` requests; ``block_ttl: 0`` checks every
+    request in Redis (see ``proxy.limits_redis.RedisLimitStore``).
     """
 
     default_reserve_tokens: int = Field(1024, ge=0)
     lease_ttl_s: PositiveDurationS = Field(60.0, alias="lease_ttl")
+    block_ttl_s: DurationS = Field(0.25, alias="block_ttl", le=10.0)
+    block_max_requests: int = Field(256, ge=4, le=4096)
 
 
 class RateLimits(_Frozen):

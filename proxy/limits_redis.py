@@ -18,14 +18,18 @@ budget settles are applied lazily, unless a check near its limit depends on them
 
 Keys (``state.key_prefix`` first, default ``shepherd:``): ``<scope>:tat`` (GCRA),
 ``<scope>:tb`` (token bucket), ``<scope>:leases`` (sorted set of lease ids by expiry),
-``budget:<key>:<window>``. Standalone Redis or Sentinel; keys are not hash-tagged for Cluster.
+``<scope>:blocks`` (sorted set of ``<block id>*<leases held>`` by expiry, for blocks of
+quota), ``budget:<key>:<window>`` (``tok``, ``usd`` and one ``r:<id>`` reservation per
+request or block in flight). Standalone Redis or Sentinel; keys are not hash-tagged for Cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import random
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -45,6 +49,11 @@ from proxy.limits import (
 
 #: The most operations sent in one EVALSHA.
 MAX_BATCH = 256
+
+#: Blocks of quota (see ``RedisLimitStore``): the fewest requests worth taking a block for,
+#: and the share of what a limit has left that one block may take at most (1/8).
+MIN_BLOCK = 4
+BLOCK_SHARE = 8
 
 #: The most timed-out acquires remembered for cancelling (the oldest are forgotten; their
 #: leases then expire with ``limits.lease_ttl``).
@@ -97,39 +106,72 @@ local function bucket_of(key, cap, rate)
   return e
 end
 
-local function leases_of(key)
-  local e = leases[key]
+-- The leases of a scope: one member per request in <scope>:leases, and one member
+-- '<block id>*<k>' per block of quota holding k of them in <scope>:blocks; both scored by
+-- expiry. n counts them all, add/badd are added and rem/brem released by this batch.
+local function leases_of(sid)
+  local e = leases[sid]
   if not e then
-    e = {n = nil, add = {}, rem = {}}
-    leases[key] = e
+    e = {key = prefix .. sid .. ':leases', bkey = prefix .. sid .. ':blocks', n = nil,
+         add = {}, rem = {}, badd = {}, brem = {}}
+    leases[sid] = e
   end
   return e
 end
 
+local function block_leases(member) return tonumber(string.match(member, '%*(%d+)$')) end
+
 -- Apply pending releases; n counted them as still held.
-local function release_pending(key, e)
+local function release_pending(e)
   if #e.rem > 0 then
-    local removed = redis.call('ZREM', key, unpack(e.rem))
+    local removed = redis.call('ZREM', e.key, unpack(e.rem))
     if e.n then e.n = e.n - removed end
     e.rem = {}
   end
+  for _, member in ipairs(e.brem) do
+    if redis.call('ZREM', e.bkey, member) == 1 and e.n then e.n = e.n - block_leases(member) end
+  end
+  e.brem = {}
 end
 
-local function lease_count(key, e)
+local function lease_count(e)
   if not e.n then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    e.n = redis.call('ZCARD', key)
+    redis.call('ZREMRANGEBYSCORE', e.key, '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', e.bkey, '-inf', now)
+    local n = redis.call('ZCARD', e.key)
+    for _, member in ipairs(redis.call('ZRANGE', e.bkey, 0, -1)) do n = n + block_leases(member) end
+    e.n = n
   end
   return e.n
 end
 
-local function release(key, id)
-  local e = leases_of(key)
+local function release(sid, id)
+  local e = leases_of(sid)
   if e.add[id] then
     e.add[id] = nil
     e.n = e.n - 1
   else
     table.insert(e.rem, id)
+  end
+end
+
+local function release_block(e, member)
+  if e.badd[member] then
+    e.badd[member] = nil
+    e.n = e.n - block_leases(member)
+  else
+    table.insert(e.brem, member)
+  end
+end
+
+-- Release the block 'id*<k>' whatever its k (a cancelled grant may have been cut).
+local function release_block_id(sid, id)
+  local e, start = leases_of(sid), id .. '*'
+  for member in pairs(e.badd) do
+    if string.sub(member, 1, #start) == start then return release_block(e, member) end
+  end
+  for _, member in ipairs(redis.call('ZRANGE', e.bkey, 0, -1)) do
+    if string.sub(member, 1, #start) == start then return release_block(e, member) end
   end
 end
 
@@ -212,9 +254,8 @@ local function check_scope(sc, op, res, commits)
     end
   end
   if maxc > 0 then
-    local key = prefix .. sid .. ':leases'
-    local e = leases_of(key)
-    if lease_count(key, e) >= maxc then release_pending(key, e) end
+    local e = leases_of(sid)
+    if lease_count(e) >= maxc then release_pending(e) end
     if e.n >= maxc then
       refuse(res, 'concurrency', -2)
     else
@@ -278,7 +319,7 @@ local function settle(op)
       local e = bucket_of(prefix .. sid .. ':tb', tpm, tpm / 60000)
       e.v, e.dirty = math.min(tpm, e.v - delta), true
     end
-    if maxc > 0 then release(prefix .. sid .. ':leases', op.id) end
+    if maxc > 0 then release(sid, op.id) end
   end
   if op.b[4] > 0 and op.w >= 0 then
     local key = budget_key(op.b, op.w)
@@ -301,7 +342,10 @@ end
 -- is left alone (it refills within a minute).
 local function cancel(op)
   for _, sc in ipairs(op.s) do
-    if sc[5] > 0 then release(prefix .. sc[1] .. ':leases', op.id) end
+    if sc[5] > 0 then
+      release(sc[1], op.id)
+      release_block_id(sc[1], op.id)
+    end
   end
   if op.b[4] > 0 then
     local window = math.floor(now / op.b[4])
@@ -327,12 +371,131 @@ local function cancel(op)
   return {1}
 end
 
+-- Extend a lease, or with op.m > 0 the m leases of block op.id.
 local function refresh(op)
   for _, sc in ipairs(op.s) do
     if sc[5] > 0 then
-      local key = prefix .. sc[1] .. ':leases'
-      if redis.call('ZADD', key, 'XX', 'CH', now + lease_ttl, op.id) == 1 then
+      local key, member = prefix .. sc[1] .. ':leases', op.id
+      if op.m and op.m > 0 then key, member = prefix .. sc[1] .. ':blocks', op.id .. '*' .. op.m end
+      if redis.call('ZADD', key, 'XX', 'CH', now + lease_ttl, member) == 1 then
         redis.call('PEXPIRE', key, 2 * lease_ttl)  -- the set outlives its longest lease
+      end
+    end
+  end
+  return {1}
+end
+
+-- A block of quota (see RedisLimitStore): up to op.k requests, each reserving op.tok tokens
+-- and op.usd dollars, that one gateway admits on its own until now + op.d microseconds.
+-- Granted only with k >= op.min, and k is cut so that the block takes at most what a rate
+-- limit grants during d, and at most 1/op.share of what each limit has left (other gateways
+-- are not starved; near a limit every request is checked here). GCRA stays exact: the block is booked as k requests starting at
+-- max(TAT, now + d), which no admission within [now, now + d] can precede, and it is granted
+-- only if its last request conforms even if admitted at now.
+local function grant(op)
+  local k, share, plan, reports = op.k, op.share, {}, {}
+  for _, sc in ipairs(op.s) do
+    local sid, emission, burst, tpm, maxc = sc[1], sc[2], sc[3], sc[4], sc[5]
+    local rep = {sid, -1, -1, -1, -1, -1, -1}
+    table.insert(reports, rep)
+    if emission > 0 then
+      local e = tat_of(prefix .. sid .. ':tat')
+      local base = math.max(e.v, now_us)
+      local start = math.max(e.v, now_us + op.d)
+      local room = (burst * emission - (base - now_us)) / share - (start - base)
+      k = math.min(k, math.floor(room / emission), math.floor(op.d / emission))
+      table.insert(plan, {'tat', e, start, emission, burst, rep, sc[6]})
+    end
+    if tpm > 0 then
+      local e = bucket_of(prefix .. sid .. ':tb', tpm, tpm / 60000)
+      if op.tok > 0 then  -- at most what refills during the block, and 1/share of the level
+        k = math.min(k, math.floor(tpm * op.d / 6e7 / op.tok), math.floor(e.v / share / op.tok))
+      end
+      table.insert(plan, {'tb', e, tpm, rep})
+    end
+    if maxc > 0 then
+      local e = leases_of(sid)
+      if maxc - lease_count(e) < k * share then release_pending(e) end
+      k = math.min(k, math.floor((maxc - e.n) / share))
+      table.insert(plan, {'ls', e})
+    end
+  end
+  local budget, window = nil, -1
+  if op.b[4] > 0 then
+    local b = op.b
+    window = math.floor(now / b[4])
+    local key = budget_key(b, window)
+    budget = budget_of(key, (window + 2) * b[4])
+    local function fit(slack_tok, slack_usd)
+      local n = k
+      if b[2] >= 0 and op.tok > 0 then
+        n = math.min(n, math.floor((b[2] - budget.tok - slack_tok) / share / op.tok))
+      end
+      if b[3] >= 0 and op.usd > 0 then
+        n = math.min(n, math.floor((b[3] - budget.usd - slack_usd) / share / op.usd))
+      end
+      return n
+    end
+    local n = fit(budget.up_tok, budget.up_usd)
+    if n < k then
+      settle_pending(key, budget)
+      n = fit(0, 0)
+    end
+    k = n
+  end
+  if k < op.min then return {0} end
+  for _, p in ipairs(plan) do
+    local e = p[2]
+    if p[1] == 'tat' then
+      local start, emission, burst, rep = p[3], p[4], p[5], p[6]
+      e.v, e.dirty = start + k * emission, true
+      rep[2] = p[7]
+      rep[3] = math.floor((burst * emission - (e.v - now_us)) / emission)
+      rep[4] = (e.v - now_us) / 1000
+    elseif p[1] == 'tb' then
+      local tpm, rep = p[3], p[4]
+      e.v, e.dirty = e.v - k * op.tok, true
+      rep[5], rep[6], rep[7] = tpm, math.max(0, math.floor(e.v)), (tpm - e.v) / e.rate
+    else
+      e.badd[op.id .. '*' .. k] = now + lease_ttl
+      e.n = e.n + k
+    end
+  end
+  if budget then
+    charge(budget, k * op.tok, k * op.usd)
+    budget.res['r:' .. op.id] = (k * op.tok) .. ' ' .. fmt_usd(k * op.usd)
+  end
+  return {k, reports, window}
+end
+
+-- Give back (part of) a block: op.tok tokens and op.usd dollars return to the token buckets
+-- (unless op.tb == 0) and the budget (negative amounts charge); with op.fin == 1 the block
+-- ends: its concurrency slots are released and its budget reservation is closed, so giving
+-- back twice refunds the budget once.
+local function give_back(op)
+  for _, sc in ipairs(op.s) do
+    local sid, tpm, maxc = sc[1], sc[4], sc[5]
+    if tpm > 0 and op.tb ~= 0 then
+      local e = bucket_of(prefix .. sid .. ':tb', tpm, tpm / 60000)
+      e.v, e.dirty = math.min(tpm, e.v + op.tok), true
+    end
+    if maxc > 0 and op.fin == 1 then release_block(leases_of(sid), op.id .. '*' .. op.m) end
+  end
+  if op.b[4] > 0 and op.w >= 0 then
+    local key = budget_key(op.b, op.w)
+    local e = budget_of(key, (op.w + 2) * op.b[4])
+    local field = 'r:' .. op.id
+    local held = e.res[field]
+    if not held and not e.gone[field] then held = redis.call('HEXISTS', key, field) == 1 end
+    if held then
+      charge(e, -op.tok, -op.usd)
+      if op.fin == 1 then
+        if e.res[field] then
+          e.res[field] = nil
+        else
+          table.insert(e.del, field)
+          e.gone[field] = true
+        end
       end
     end
   end
@@ -344,6 +507,8 @@ for i, op in ipairs(ops) do
   if op.t == 'a' then out[i] = acquire(op)
   elseif op.t == 's' then out[i] = settle(op)
   elseif op.t == 'c' then out[i] = cancel(op)
+  elseif op.t == 'g' then out[i] = grant(op)
+  elseif op.t == 'x' then out[i] = give_back(op)
   else out[i] = refresh(op) end
 end
 
@@ -359,16 +524,18 @@ for key, e in pairs(buckets) do
     redis.call('PEXPIRE', key, math.ceil((e.cap - e.v) / e.rate) + 1000)
   end
 end
-for key, e in pairs(leases) do
-  release_pending(key, e)
-  local args = {}
-  for id, expiry in pairs(e.add) do
-    table.insert(args, expiry)
-    table.insert(args, id)
-  end
-  if #args > 0 then
-    redis.call('ZADD', key, unpack(args))
-    redis.call('PEXPIRE', key, 2 * lease_ttl)
+for _, e in pairs(leases) do
+  release_pending(e)
+  for key, added in pairs({[e.key] = e.add, [e.bkey] = e.badd}) do
+    local args = {}
+    for id, expiry in pairs(added) do
+      table.insert(args, expiry)
+      table.insert(args, id)
+    end
+    if #args > 0 then
+      redis.call('ZADD', key, unpack(args))
+      redis.call('PEXPIRE', key, 2 * lease_ttl)
+    end
   end
 end
 for key, e in pairs(budgets) do
@@ -435,8 +602,64 @@ def _verdict(raw: list[Any]) -> Verdict:
     return verdict
 
 
+Shape = tuple[tuple[Scope, ...], Budget | None]
+
+
+@dataclass(slots=True, eq=False)
+class _Block:
+    """A block of quota granted by Redis: requests of one shape (the same scopes and budget)
+    that this process admits without asking Redis, until ``expires_at`` (loop time).
+
+    ``tokens_left``/``usd_left`` are what is left of the block's reservation; ``back_*`` is
+    what settled requests did not use (negative: used more), not yet given back; ``slots``
+    is the number of concurrency lease ids the block holds in each ``max_concurrent`` scope.
+    """
+
+    block_id: str
+    shape: Shape
+    scopes_arg: list[list[Any]]
+    budget_arg: list[Any]
+    size: int
+    expires_at: float
+    requests_left: int
+    tokens_left: int
+    usd_left: float
+    slots: int
+    window: int | None
+    reports: list[ScopeReport]
+    in_flight: int = 0
+    back_tokens: int = 0
+    back_usd: float = 0.0
+    closed: bool = False
+
+
 class RedisLimitStore:
     """``LimitStore`` on Redis through redis-py's asyncio client.
+
+    **Blocks of quota.** A shape of demand (one key and model) that arrives at least
+    ``MIN_BLOCK`` times within ``block_ttl`` is no longer checked in Redis request by request:
+    the store asks for a block of up to ``block_max_requests`` requests (starting at
+    ``MIN_BLOCK``, doubling while blocks are used up, halving while they are not), each with
+    the reservation of the request that asked for it, and admits from it here for
+    ``block_ttl`` seconds. The next block is asked for when half of one is used; a request
+    that finds no block while one is on its way waits for it (one Redis round trip, as it
+    would have waited for its own check). Redis grants a block only where it is no more than an RPM or TPM
+    limit grants during ``block_ttl`` and takes at most ``1/BLOCK_SHARE`` of what every limit
+    of the shape has left, so near a limit every request is checked in Redis again, and no
+    limit is ever exceeded:
+
+    * RPM: the block is booked in GCRA as its requests arriving one emission interval apart
+      from ``max(TAT, now + block_ttl)``, and granted only if the last of them conforms when
+      admitted at ``now``, so the bound ``burst + rpm * D / 60`` holds exactly; requests of a
+      block that are not used are not refunded.
+    * TPM and budgets: the block reserves ``k`` reservations; what its requests do not use,
+      and what it did not admit, is given back when the block ends (a request that used more
+      than it reserved is charged at once).
+    * ``max_concurrent``: the block holds ``k`` leases in every such scope until the last
+      request it admitted has ended.
+
+    A response admitted from a block carries ``x-ratelimit-*`` values from the block's grant,
+    less what this process has used of it since (at most ``block_ttl`` old).
 
     Args:
         url: ``state.redis_url``.
@@ -447,12 +670,18 @@ class RedisLimitStore:
         clock_us: ``None`` (the default): every batch reads Redis's own clock (``TIME``), one
             clock for every gateway. A function returning Unix time in integer microseconds:
             a fake clock, for tests.
+        block_ttl_s: ``limits.block_ttl``: how long a block of quota admits requests; 0
+            turns blocks off (every limited request is checked in Redis).
+        block_max_requests: ``limits.block_max_requests``: the largest block.
+        on_block_admission: called once per request admitted from a block (a metric).
     """
 
     name = "redis"
 
     def __init__(self, url: str, key_prefix: str = "shepherd:", timeout_s: float = 0.05,
-                 lease_ttl_s: float = 60.0, clock_us: Callable[[], int] | None = None) -> None:
+                 lease_ttl_s: float = 60.0, clock_us: Callable[[], int] | None = None,
+                 block_ttl_s: float = 0.0, block_max_requests: int = 256,
+                 on_block_admission: Callable[[], None] | None = None) -> None:
         self.redis = redis_asyncio.Redis.from_url(
             url, socket_connect_timeout=max(timeout_s, 0.5), socket_timeout=max(timeout_s * 4, 1.0),
             health_check_interval=0, retry_on_timeout=False)
@@ -464,24 +693,173 @@ class RedisLimitStore:
         self._pending: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._orphans: list[dict[str, Any]] = []  # acquires to cancel once Redis answers again
+        self.block_ttl_s = block_ttl_s
+        self.block_max_requests = max(MIN_BLOCK, block_max_requests)
+        self.on_block_admission = on_block_admission or (lambda: None)
+        self._blocks: dict[Shape, _Block] = {}       # the block each shape admits from now
+        self._granting: dict[Shape, asyncio.Future[None]] = {}  # set when a block request ends
+        self._block_size: dict[Shape, int] = {}      # the size to ask for next
+        self._no_block_until: dict[Shape, float] = {}
+        self._leased_from: dict[str, _Block] = {}    # lease id -> the block that admitted it
+        self._arrivals: dict[Shape, tuple[float, int]] = {}  # requests checked in Redis lately
 
     def __repr__(self) -> str:
         return f"<RedisLimitStore [pending: {len(self._pending)}, batches in flight: {len(self._inflight)}]>"
 
     async def acquire(self, demand: Demand, lease_id: str) -> Verdict:
+        if self.block_ttl_s > 0:
+            verdict = self._acquire_from_block(demand, lease_id)
+            granting = self._granting.get((demand.scopes, demand.budget))
+            if verdict is None and granting is not None:  # a block is on its way: wait for it
+                await asyncio.shield(granting)
+                verdict = self._acquire_from_block(demand, lease_id)
+            if verdict is not None:
+                return verdict
         op = {"t": "a", "id": lease_id, "s": _scopes_arg(demand), "tok": demand.tokens,
               "usd": demand.usd, "b": _budget_arg(demand)}
         return _verdict(await self._submit(op))
 
     async def settle(self, demand: Demand, lease_id: str, budget_window: int | None,
                      actual_tokens: int, actual_usd: float) -> None:
+        block = self._leased_from.pop(lease_id, None)
+        if block is not None:
+            self._settle_in_block(block, demand, actual_tokens, actual_usd)
+            return
         await self._submit({"t": "s", "id": lease_id, "s": _scopes_arg(demand), "tok": demand.tokens,
                             "act": actual_tokens, "usd": demand.usd, "ausd": actual_usd,
                             "b": _budget_arg(demand), "w": -1 if budget_window is None else budget_window})
 
     async def refresh(self, leases: Iterable[tuple[Demand, str]]) -> None:
-        ops = [{"t": "r", "id": lease_id, "s": _scopes_arg(demand)} for demand, lease_id in leases]
+        ops: list[dict[str, Any]] = []
+        blocks: dict[str, _Block] = {}
+        for demand, lease_id in leases:
+            block = self._leased_from.get(lease_id)
+            if block is None:
+                ops.append({"t": "r", "id": lease_id, "s": _scopes_arg(demand)})
+            elif block.slots:
+                blocks[block.block_id] = block
+        ops.extend({"t": "r", "id": b.block_id, "s": b.scopes_arg, "m": b.slots}
+                   for b in blocks.values())
         await asyncio.gather(*(self._submit(op) for op in ops))
+
+    # --- blocks of quota ---------------------------------------------------------------------
+
+    def _acquire_from_block(self, demand: Demand, lease_id: str) -> Verdict | None:
+        """Admit from this shape's block if it can take ``demand``; ``None``: ask Redis
+        (a new block is requested on the side)."""
+        shape = (demand.scopes, demand.budget)
+        now = asyncio.get_running_loop().time()
+        block = self._blocks.get(shape)
+        if block is not None:
+            if (now < block.expires_at and block.requests_left > 0
+                    and block.tokens_left >= demand.tokens and block.usd_left >= demand.usd - 1e-12):
+                block.requests_left -= 1
+                block.tokens_left -= demand.tokens
+                block.usd_left -= demand.usd
+                block.in_flight += 1
+                self._leased_from[lease_id] = block
+                if block.requests_left * 2 <= block.size:  # ask for the next one in time
+                    self._request_block(shape, demand, now)
+                self.on_block_admission()
+                return self._block_verdict(block)
+            if now >= block.expires_at or block.requests_left == 0:
+                self._close_block(block)
+        start, seen = self._arrivals.get(shape, (now, 0))
+        if now - start > self.block_ttl_s:
+            start, seen = now, 0
+        self._arrivals[shape] = (start, seen + 1)
+        if seen + 1 >= MIN_BLOCK:  # busy enough for a block: MIN_BLOCK within a block_ttl
+            self._request_block(shape, demand, now)
+        return None
+
+    @staticmethod
+    def _block_verdict(block: _Block) -> Verdict:
+        reports = [ScopeReport(
+            r.scope_id, r.limit_requests,
+            None if r.remaining_requests is None else r.remaining_requests + block.requests_left,
+            r.reset_requests_s, r.limit_tokens,
+            None if r.remaining_tokens is None else r.remaining_tokens + block.tokens_left,
+            r.reset_tokens_s) for r in block.reports]
+        return Verdict(True, None, None, reports, block.window)
+
+    def _request_block(self, shape: Shape, demand: Demand, now: float) -> None:
+        if shape in self._granting or now < self._no_block_until.get(shape, 0.0):
+            return
+        if not demand.scopes and demand.budget is None:
+            return
+        op = {"t": "g", "id": f"blk_{random.getrandbits(64):016x}", "s": _scopes_arg(demand),
+              "b": _budget_arg(demand), "k": self._block_size.get(shape, MIN_BLOCK),
+              "tok": demand.tokens, "usd": demand.usd, "d": round(self.block_ttl_s * 1e6),
+              "min": MIN_BLOCK, "share": BLOCK_SHARE}
+        self._granting[shape] = asyncio.get_running_loop().create_future()
+        self._submit(op).add_done_callback(
+            functools.partial(self._on_grant, shape, op, now + self.block_ttl_s))
+
+    def _on_grant(self, shape: Shape, op: dict[str, Any], expires_at: float,
+                  future: asyncio.Future[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        granting = self._granting.pop(shape, None)
+        if granting is not None:
+            granting.set_result(None)  # waiters resume after this callback: the block is in place
+        if future.cancelled() or future.exception() is not None:
+            self._no_block_until[shape] = loop.time() + self.block_ttl_s
+            return  # a grant that may have run is cancelled with the next batch
+        raw = future.result()
+        size = int(raw[0])
+        if size == 0:  # too close to a limit: check each request in Redis for a while
+            self._no_block_until[shape] = loop.time() + self.block_ttl_s
+            self._block_size[shape] = MIN_BLOCK
+            return
+        verdict = _verdict([1, "", 0, raw[1], raw[2]])
+        slots = size if any(sc[4] for sc in op["s"]) else 0
+        block = _Block(op["id"], shape, op["s"], op["b"], size, expires_at, size, size * op["tok"],
+                       size * op["usd"], slots, verdict.budget_window, verdict.reports)
+        old = self._blocks.get(shape)
+        if old is not None:
+            self._close_block(old)
+        self._blocks[shape] = block
+        if loop.time() >= expires_at:
+            self._close_block(block)
+        else:
+            loop.call_at(expires_at, self._close_block, block)
+
+    def _close_block(self, block: _Block) -> None:
+        """Admit no more from ``block``; give it back once its last request has ended."""
+        if block.closed:
+            return
+        block.closed = True
+        if self._blocks.get(block.shape) is block:
+            del self._blocks[block.shape]
+        used, asked = block.size - block.requests_left, self._block_size.get(block.shape, MIN_BLOCK)
+        if used * 4 >= block.size * 3:
+            self._block_size[block.shape] = min(self.block_max_requests, asked * 2)
+        elif used * 4 < block.size:
+            self._block_size[block.shape] = max(MIN_BLOCK, asked // 2)
+        if block.in_flight == 0:
+            self._give_back(block, final=True)
+
+    def _settle_in_block(self, block: _Block, demand: Demand, actual_tokens: int,
+                         actual_usd: float) -> None:
+        block.in_flight -= 1
+        block.back_tokens += demand.tokens - actual_tokens
+        block.back_usd += demand.usd - actual_usd
+        if block.closed and block.in_flight == 0:
+            self._give_back(block, final=True)
+        elif block.back_tokens < 0 or block.back_usd < -1e-12:  # a debt is charged at once
+            self._give_back(block, final=False)
+
+    def _give_back(self, block: _Block, final: bool) -> None:
+        if not (block.budget_arg[3] or (final and block.slots) or any(sc[3] for sc in block.scopes_arg)):
+            return  # requests only: unused GCRA requests are not refunded
+        tokens, usd = block.back_tokens, block.back_usd
+        block.back_tokens, block.back_usd = 0, 0.0
+        if final:
+            tokens, usd = tokens + block.tokens_left, usd + block.usd_left
+            block.tokens_left, block.usd_left = 0, 0.0
+        op = {"t": "x", "id": block.block_id, "s": block.scopes_arg, "b": block.budget_arg,
+              "w": -1 if block.window is None else block.window, "tok": tokens, "usd": usd,
+              "m": block.slots if final else 0, "fin": int(final), "tb": 1}
+        self._submit(op).add_done_callback(_consume)
 
     async def ping(self) -> bool:
         """Whether Redis answers now."""
@@ -492,6 +870,9 @@ class RedisLimitStore:
             return False
 
     async def close(self) -> None:
+        for block in list(self._blocks.values()):
+            self._close_block(block)
+        await asyncio.sleep(0)  # let the give-backs be sent
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         await self.redis.aclose()
@@ -533,7 +914,13 @@ class RedisLimitStore:
                     future.set_exception(StoreUnavailable(f"{type(exc).__name__}: {exc}"))
             # The script may still run once Redis is free: undo its acquires (and retry
             # undos that failed too) ahead of the next batch.
-            self._orphans.extend({**op, "t": "c"} for op, _ in batch if op["t"] in ("a", "c"))
+            for op, _ in batch:
+                if op["t"] in ("a", "c"):
+                    self._orphans.append({**op, "t": "c"})
+                elif op["t"] == "g":
+                    self._orphans.append({**op, "t": "c"})
+                elif op["t"] == "x" and op["fin"]:  # again, but the token buckets only once
+                    self._orphans.append({**op, "tb": 0})
             del self._orphans[:-MAX_ORPHANS]
             return
         for (_, future), result in zip(batch, results, strict=True):

@@ -206,6 +206,11 @@ class Metrics:
             "shepherd_limit_store_fallbacks", "Limit checks answered by per-process limits "
             "because Redis was unavailable", registry=self.registry,
         )
+        self.limit_block_admissions = Counter(
+            "shepherd_limit_block_admissions", "Limited requests admitted from a block of "
+            "quota taken from Redis earlier, without a Redis round trip of their own",
+            registry=self.registry,
+        )
         self.rate_limited = Counter(
             "shepherd_rate_limited", "Requests refused by a key's limits", ["key", "reason"],
             registry=self.registry,
