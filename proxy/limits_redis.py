@@ -389,9 +389,10 @@ end
 -- and op.usd dollars, that one gateway admits on its own until now + op.d microseconds.
 -- Granted only with k >= op.min, and k is cut so that the block takes at most what a rate
 -- limit grants during d, and at most 1/op.share of what each limit has left (other gateways
--- are not starved; near a limit every request is checked here). GCRA stays exact: the block is booked as k requests starting at
--- max(TAT, now + d), which no admission within [now, now + d] can precede, and it is granted
--- only if its last request conforms even if admitted at now.
+-- are not starved; near a limit every request is checked here). GCRA stays exact: the block
+-- is booked as k requests starting at max(TAT, now + d), which no admission within
+-- [now, now + d] can precede, and it is granted only if its last request conforms even if
+-- admitted at now.
 local function grant(op)
   local k, share, plan, reports = op.k, op.share, {}, {}
   for _, sc in ipairs(op.s) do
@@ -915,9 +916,7 @@ class RedisLimitStore:
             # The script may still run once Redis is free: undo its acquires (and retry
             # undos that failed too) ahead of the next batch.
             for op, _ in batch:
-                if op["t"] in ("a", "c"):
-                    self._orphans.append({**op, "t": "c"})
-                elif op["t"] == "g":
+                if op["t"] in ("a", "c", "g"):
                     self._orphans.append({**op, "t": "c"})
                 elif op["t"] == "x" and op["fin"]:  # again, but the token buckets only once
                     self._orphans.append({**op, "tb": 0})
