@@ -189,6 +189,65 @@ async def test_rpm_burst_is_shared_by_two_processes(
     assert (await mock_upstream.stats())["requests"] == accepted
 
 
+# --- 1b. a busy key is admitted from blocks of quota, within the same bound ----------------
+
+
+async def test_busy_key_admitted_from_blocks_keeps_every_limit(
+        redis_server: RedisServer, mock_upstream: MockUpstream,
+        gateway_process: StartGatewayProcess) -> None:
+    # 100 requests/s with 5 s of tolerance: far enough from the limit at first for blocks of
+    # quota (limits.block_ttl, 250 ms: up to 25 requests each), then driven past it.
+    rpm, burst, duration_s = 6000, 500, 4.0
+    emission_s = 60 / rpm
+    a, b = await start_pair(gateway_process, redis_config(
+        mock_upstream, redis_server,
+        {"tester": {"rpm": rpm, "burst": burst, "tpm": 60_000_000, "max_concurrent": 1000,
+                    "budget": {"tokens": 10**9, "period": "1d"}}},
+        limits={"default_reserve_tokens": 20}))
+    body = chat_body()
+    replies: list[Reply] = []
+    loop = asyncio.get_running_loop()
+
+    async def hammer(url: str, deadline: float) -> None:
+        async with client() as session:
+            while loop.time() < deadline:
+                replies.append(await post(session, url, body))
+
+    started = loop.time()
+    async with asyncio.timeout(20):
+        await asyncio.gather(*(hammer(url, started + duration_s) for url in [a.url, b.url] * 8))
+    elapsed = loop.time() - started
+
+    statuses = Counter(r.status for r in replies)
+    accepted = statuses[200]
+    assert set(statuses) <= {200, 429}, statuses
+    assert burst <= accepted <= burst + math.floor((elapsed + 0.001) / emission_s), (statuses, elapsed)
+    assert statuses[429] > 0, statuses
+    for reply in replies:
+        if reply.status == 429:
+            check_rate_limit_429(reply)
+        else:
+            assert int(reply.headers["x-ratelimit-remaining-requests"]) >= 0, reply.headers
+    for gateway in (a, b):
+        assert await metric(gateway.url, "shepherd_limit_block_admissions_total") > 0
+        assert await metric(gateway.url, "shepherd_limit_store_fallbacks_total") == 0
+    assert (await mock_upstream.stats())["requests"] == accepted
+
+    # Once the blocks have ended, every reservation has been given back and every lease
+    # released: the budget holds exactly what the upstream reported.
+    await asyncio.sleep(0.6)
+    used = sum(r.body["usage"]["total_tokens"] for r in replies if r.status == 200)
+    rds = redis_asyncio.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        budget_keys = [k async for k in rds.scan_iter(f"{PREFIX}budget:tester:*")]
+        assert len(budget_keys) == 1, budget_keys
+        assert await rds.hgetall(budget_keys[0]) == {"tok": str(used)}
+        assert await rds.zcard(f"{PREFIX}tester:leases") == 0
+        assert await rds.zcard(f"{PREFIX}tester:blocks") == 0
+    finally:
+        await rds.aclose()
+
+
 # --- 2. max_concurrent shared by two processes ---------------------------------------------
 
 
