@@ -220,6 +220,15 @@ def test_several_workers_need_redis() -> None:
     assert settings.server.workers == 4
 
 
+def test_blocks_of_quota_settings() -> None:
+    limits = load_settings(tree(), env={}).limits
+    assert (limits.block_ttl_s, limits.block_max_requests) == (0.25, 256)
+    limits = load_settings(tree(limits={"block_ttl": 0, "block_max_requests": 64}), env={}).limits
+    assert (limits.block_ttl_s, limits.block_max_requests) == (0.0, 64)
+    raw = tree(limits={"block_ttl": "1m", "block_max_requests": 2})
+    assert sorted(paths_of(raw)) == ["limits.block_max_requests", "limits.block_ttl"]
+
+
 def test_base_url_trailing_slash_dropped() -> None:
     settings = load_settings(tree(upstreams={"mock": {"base_url": "https://api.example.com/v1/"}}), env={})
     assert settings.upstreams["mock"].base_url == "https://api.example.com/v1"
