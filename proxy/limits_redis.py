@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -628,6 +629,7 @@ class _Block:
     slots: int
     window: int | None
     reports: list[ScopeReport]
+    started_at: float = 0.0
     in_flight: int = 0
     back_tokens: int = 0
     back_usd: float = 0.0
@@ -640,14 +642,14 @@ class RedisLimitStore:
     **Blocks of quota.** A shape of demand (one key and model) that arrives at least
     ``MIN_BLOCK`` times within ``block_ttl`` is no longer checked in Redis request by request:
     the store asks for a block of up to ``block_max_requests`` requests (starting at
-    ``MIN_BLOCK``, doubling while blocks are used up, halving while they are not), each with
-    the reservation of the request that asked for it, and admits from it here for
-    ``block_ttl`` seconds. The next block is asked for when half of one is used; a request
-    that finds no block while one is on its way waits for it (one Redis round trip, as it
-    would have waited for its own check). Redis grants a block only where it is no more than an RPM or TPM
-    limit grants during ``block_ttl`` and takes at most ``1/BLOCK_SHARE`` of what every limit
-    of the shape has left, so near a limit every request is checked in Redis again, and no
-    limit is ever exceeded:
+    ``MIN_BLOCK``, then sized to last half a ``block_ttl`` at the rate the last one was used),
+    each with the reservation of the request that asked for it, and admits from it here for
+    ``block_ttl`` seconds. The next block is asked for when half of one is used and is used
+    once this one is; a request that finds no block while one is on its way waits for it
+    (one Redis round trip, as it would have waited for its own check). Redis grants a block
+    only where it is no more than an RPM or TPM limit grants during ``block_ttl`` and takes
+    at most ``1/BLOCK_SHARE`` of what every limit of the shape has left, so near a limit
+    every request is checked in Redis again, and no limit is ever exceeded:
 
     * RPM: the block is booked in GCRA as its requests arriving one emission interval apart
       from ``max(TAT, now + block_ttl)``, and granted only if the last of them conforms when
@@ -698,6 +700,7 @@ class RedisLimitStore:
         self.block_max_requests = max(MIN_BLOCK, block_max_requests)
         self.on_block_admission = on_block_admission or (lambda: None)
         self._blocks: dict[Shape, _Block] = {}       # the block each shape admits from now
+        self._spares: dict[Shape, _Block] = {}       # the block that follows it
         self._granting: dict[Shape, asyncio.Future[None]] = {}  # set when a block request ends
         self._block_size: dict[Shape, int] = {}      # the size to ask for next
         self._no_block_until: dict[Shape, float] = {}
@@ -751,7 +754,10 @@ class RedisLimitStore:
         shape = (demand.scopes, demand.budget)
         now = asyncio.get_running_loop().time()
         block = self._blocks.get(shape)
-        if block is not None:
+        if block is None and (block := self._spares.pop(shape, None)) is not None:
+            block.started_at = now  # the current one has expired: on to the next
+            self._blocks[shape] = block
+        while block is not None:
             if (now < block.expires_at and block.requests_left > 0
                     and block.tokens_left >= demand.tokens and block.usd_left >= demand.usd - 1e-12):
                 block.requests_left -= 1
@@ -759,12 +765,18 @@ class RedisLimitStore:
                 block.usd_left -= demand.usd
                 block.in_flight += 1
                 self._leased_from[lease_id] = block
-                if block.requests_left * 2 <= block.size:  # ask for the next one in time
-                    self._request_block(shape, demand, now)
+                if block.requests_left * 2 <= block.size and shape not in self._spares:
+                    self._request_block(shape, demand, now)  # the next one, in time
                 self.on_block_admission()
                 return self._block_verdict(block)
             if now >= block.expires_at or block.requests_left == 0:
-                self._close_block(block)
+                self._close_block(block, now)
+            if self._blocks.get(shape) is block:
+                break  # it cannot take this demand, but may take smaller ones
+            block = self._spares.pop(shape, None)  # used up: on to the one asked for in time
+            if block is not None:
+                block.started_at = now
+                self._blocks[shape] = block
         start, seen = self._arrivals.get(shape, (now, 0))
         if now - start > self.block_ttl_s:
             start, seen = now, 0
@@ -815,27 +827,42 @@ class RedisLimitStore:
         slots = size if any(sc[4] for sc in op["s"]) else 0
         block = _Block(op["id"], shape, op["s"], op["b"], size, expires_at, size, size * op["tok"],
                        size * op["usd"], slots, verdict.budget_window, verdict.reports)
-        old = self._blocks.get(shape)
-        if old is not None:
-            self._close_block(old)
-        self._blocks[shape] = block
-        if loop.time() >= expires_at:
-            self._close_block(block)
+        now = loop.time()
+        block.started_at = now
+        current = self._blocks.get(shape)
+        if current is None:
+            self._blocks[shape] = block
+        else:  # the current block is still in use: this one follows it
+            spare = self._spares.get(shape)
+            if spare is not None:
+                self._close_block(spare, now)
+            self._spares[shape] = block
+        if now >= expires_at:
+            self._close_block(block, now)
         else:
-            loop.call_at(expires_at, self._close_block, block)
+            loop.call_at(expires_at, self._expire_block, block)
 
-    def _close_block(self, block: _Block) -> None:
-        """Admit no more from ``block``; give it back once its last request has ended."""
+    def _expire_block(self, block: _Block) -> None:
+        self._close_block(block, asyncio.get_running_loop().time())
+
+    def _close_block(self, block: _Block, now: float) -> None:
+        """Admit no more from ``block``; give it back once its last request has ended.
+
+        The next block asked for is sized to last half a ``block_ttl`` at the rate this one
+        was used, so blocks are used up rather than left to expire (requests of a block that
+        expires are lost to the RPM limit).
+        """
         if block.closed:
             return
         block.closed = True
         if self._blocks.get(block.shape) is block:
             del self._blocks[block.shape]
-        used, asked = block.size - block.requests_left, self._block_size.get(block.shape, MIN_BLOCK)
-        if used * 4 >= block.size * 3:
-            self._block_size[block.shape] = min(self.block_max_requests, asked * 2)
-        elif used * 4 < block.size:
-            self._block_size[block.shape] = max(MIN_BLOCK, asked // 2)
+        if self._spares.get(block.shape) is block:
+            del self._spares[block.shape]
+        used = block.size - block.requests_left
+        rate_per_s = used / max(now - block.started_at, 0.001)
+        self._block_size[block.shape] = min(self.block_max_requests,
+                                            max(MIN_BLOCK, math.ceil(rate_per_s * self.block_ttl_s / 2)))
         if block.in_flight == 0:
             self._give_back(block, final=True)
 
@@ -871,8 +898,9 @@ class RedisLimitStore:
             return False
 
     async def close(self) -> None:
-        for block in list(self._blocks.values()):
-            self._close_block(block)
+        now = asyncio.get_running_loop().time()
+        for block in [*self._blocks.values(), *self._spares.values()]:
+            self._close_block(block, now)
         await asyncio.sleep(0)  # let the give-backs be sent
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
