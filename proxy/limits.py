@@ -299,8 +299,9 @@ class MemoryLimitStore:
         if not scope.max_concurrent:
             return
         leases = self.leases.setdefault(scope.scope_id, {})
-        for expired in [lid for lid, expiry in leases.items() if expiry <= now]:
-            del leases[expired]
+        if len(leases) >= scope.max_concurrent:  # only then can an expired lease matter
+            for expired in [lid for lid, expiry in leases.items() if expiry <= now]:
+                del leases[expired]
         if len(leases) >= scope.max_concurrent:
             _refuse(verdict, "concurrency", CONCURRENCY_RETRY_S)
         else:
@@ -319,7 +320,8 @@ class MemoryLimitStore:
         if over_tokens or over_usd:
             _refuse(verdict, "budget", None)
             return
-        self._prune_windows(budget.key_name, window)
+        if slot not in self.spent:  # a new window: drop the key's older ones
+            self._prune_windows(budget.key_name, window)
         commits.append(lambda: self.spent.__setitem__(slot, (tokens + demand.tokens, usd + demand.usd)))
 
     def _prune_windows(self, key_name: str, window: int) -> None:
