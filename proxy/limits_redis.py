@@ -582,6 +582,14 @@ def _budget_arg_of(b: Budget | None) -> list[Any]:
             int(b.period_s * 1000)]
 
 
+def grant_op(demand: Demand, block_id: str, size: int, block_us: int) -> dict[str, Any]:
+    """The script op asking for a block of up to ``size`` requests of ``demand``, usable for
+    ``block_us`` microseconds (see ``RedisLimitStore``)."""
+    return {"t": "g", "id": block_id, "s": _scopes_arg(demand), "b": _budget_arg(demand),
+            "k": size, "tok": demand.tokens, "usd": demand.usd, "d": block_us, "min": MIN_BLOCK,
+            "share": BLOCK_SHARE}
+
+
 def _opt_int(value: float) -> int | None:
     return None if value < 0 else int(value)
 
@@ -753,10 +761,7 @@ class RedisLimitStore:
         (a new block is requested on the side)."""
         shape = (demand.scopes, demand.budget)
         now = asyncio.get_running_loop().time()
-        block = self._blocks.get(shape)
-        if block is None and (block := self._spares.pop(shape, None)) is not None:
-            block.started_at = now  # the current one has expired: on to the next
-            self._blocks[shape] = block
+        block = self._blocks.get(shape) or self._next_block(shape, now)
         while block is not None:
             if (now < block.expires_at and block.requests_left > 0
                     and block.tokens_left >= demand.tokens and block.usd_left >= demand.usd - 1e-12):
@@ -773,10 +778,7 @@ class RedisLimitStore:
                 self._close_block(block, now)
             if self._blocks.get(shape) is block:
                 break  # it cannot take this demand, but may take smaller ones
-            block = self._spares.pop(shape, None)  # used up: on to the one asked for in time
-            if block is not None:
-                block.started_at = now
-                self._blocks[shape] = block
+            block = self._next_block(shape, now)
         start, seen = self._arrivals.get(shape, (now, 0))
         if now - start > self.block_ttl_s:
             start, seen = now, 0
@@ -784,6 +786,14 @@ class RedisLimitStore:
         if seen + 1 >= MIN_BLOCK:  # busy enough for a block: MIN_BLOCK within a block_ttl
             self._request_block(shape, demand, now)
         return None
+
+    def _next_block(self, shape: Shape, now: float) -> _Block | None:
+        """Make the spare (the block asked for in time) current, if there is one."""
+        block = self._spares.pop(shape, None)
+        if block is not None:
+            block.started_at = now
+            self._blocks[shape] = block
+        return block
 
     @staticmethod
     def _block_verdict(block: _Block) -> Verdict:
@@ -800,10 +810,8 @@ class RedisLimitStore:
             return
         if not demand.scopes and demand.budget is None:
             return
-        op = {"t": "g", "id": f"blk_{random.getrandbits(64):016x}", "s": _scopes_arg(demand),
-              "b": _budget_arg(demand), "k": self._block_size.get(shape, MIN_BLOCK),
-              "tok": demand.tokens, "usd": demand.usd, "d": round(self.block_ttl_s * 1e6),
-              "min": MIN_BLOCK, "share": BLOCK_SHARE}
+        op = grant_op(demand, f"blk_{random.getrandbits(64):016x}",
+                      self._block_size.get(shape, MIN_BLOCK), round(self.block_ttl_s * 1e6))
         self._granting[shape] = asyncio.get_running_loop().create_future()
         self._submit(op).add_done_callback(
             functools.partial(self._on_grant, shape, op, now + self.block_ttl_s))

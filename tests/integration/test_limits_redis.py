@@ -144,6 +144,24 @@ async def burst_across(urls: list[str], count: int, body: bytes, api_key: str = 
                                       for i in range(count)))
 
 
+async def hammer(urls: list[str], clients_per_url: int, duration_s: float
+                 ) -> tuple[list[Reply], float]:
+    """``clients_per_url`` clients per URL, each sending ``chat_body()`` back to back for
+    ``duration_s``; returns every reply and the seconds from the first send to the last answer."""
+    loop = asyncio.get_running_loop()
+    body = chat_body()
+    replies: list[Reply] = []
+    started = loop.time()
+
+    async def one_client(url: str) -> None:
+        async with client() as session:
+            while loop.time() < started + duration_s:
+                replies.append(await post(session, url, body))
+
+    await asyncio.gather(*(one_client(url) for url in urls * clients_per_url))
+    return replies, loop.time() - started
+
+
 # --- 1. GCRA rpm shared by two processes ---------------------------------------------------
 
 
@@ -154,19 +172,8 @@ async def test_rpm_burst_is_shared_by_two_processes(
     emission_s = 60 / rpm
     a, b = await start_pair(gateway_process, redis_config(
         mock_upstream, redis_server, {"tester": {"rpm": rpm, "burst": burst}}))
-    body = chat_body()
-    replies: list[Reply] = []
-    loop = asyncio.get_running_loop()
-
-    async def hammer(url: str, deadline: float) -> None:
-        async with client() as session:
-            while loop.time() < deadline:
-                replies.append(await post(session, url, body))
-
-    started = loop.time()
     async with asyncio.timeout(15):
-        await asyncio.gather(*(hammer(url, started + duration_s) for url in [a.url, b.url] * 4))
-    elapsed = loop.time() - started
+        replies, elapsed = await hammer([a.url, b.url], 4, duration_s)
 
     statuses = Counter(r.status for r in replies)
     accepted = statuses[200]
@@ -204,19 +211,8 @@ async def test_busy_key_admitted_from_blocks_keeps_every_limit(
         {"tester": {"rpm": rpm, "burst": burst, "tpm": 60_000_000, "max_concurrent": 1000,
                     "budget": {"tokens": 10**9, "period": "1d"}}},
         limits={"default_reserve_tokens": 20}))
-    body = chat_body()
-    replies: list[Reply] = []
-    loop = asyncio.get_running_loop()
-
-    async def hammer(url: str, deadline: float) -> None:
-        async with client() as session:
-            while loop.time() < deadline:
-                replies.append(await post(session, url, body))
-
-    started = loop.time()
     async with asyncio.timeout(20):
-        await asyncio.gather(*(hammer(url, started + duration_s) for url in [a.url, b.url] * 8))
-    elapsed = loop.time() - started
+        replies, elapsed = await hammer([a.url, b.url], 8, duration_s)
 
     statuses = Counter(r.status for r in replies)
     accepted = statuses[200]

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, note, seed, settings
 from hypothesis import strategies as st
 
 from proxy.limits import Budget, Demand, Scope, emission_us
-from proxy.limits_redis import BLOCK_SHARE, MIN_BLOCK, RedisLimitStore, _budget_arg, _scopes_arg
+from proxy.limits_redis import MIN_BLOCK, RedisLimitStore, _budget_arg, _scopes_arg, grant_op
 from tests.integration.conftest import RedisServer
 
 LEASE_TTL_S = 60.0
@@ -54,13 +54,6 @@ async def fresh_store(url: str, clock: Clock | None = None, block_ttl_s: float =
         if keys:
             await r.delete(*keys)
         await r.aclose()
-
-
-def grant_op(demand: Demand, block_id: str, k: int, block_us: int) -> dict[str, Any]:
-    """The op ``RedisLimitStore`` sends for a block of ``k`` (``_request_block``)."""
-    return {"t": "g", "id": block_id, "s": _scopes_arg(demand), "b": _budget_arg(demand), "k": k,
-            "tok": demand.tokens, "usd": demand.usd, "d": block_us, "min": MIN_BLOCK,
-            "share": BLOCK_SHARE}
 
 
 def give_back_op(demand: Demand, block_id: str, window: int, tokens: int, slots: int,
