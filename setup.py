@@ -9,11 +9,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["proxy", "proxy.*"]),
-    package_data={"proxy": ["py.typed"]},
+    package_data={"proxy": ["py.typed", "lua/*.lua"]},
     python_requires=">=3.11",
     install_requires=[
         "aiohttp>=3.14.4",  # request-smuggling fixes
-        "aiohttp-retry>=2.9",
         "uvloop>=0.21",
         "PyYAML>=6.0.2",
         "pydantic>=2.9",
@@ -23,6 +22,7 @@ setup(
         "hiredis>=3.0",  # C reply parser for redis-py (the limits hot path)
     ],
     extras_require={
+        "client": ["httpx>=0.27"],  # proxy.client.ResumableTransport only
         "dev": [
             "pytest>=8.3",
             "pytest-aiohttp>=1.1",

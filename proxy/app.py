@@ -23,10 +23,11 @@ from proxy.auth import KeyStore
 from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
 from proxy.config import Settings
 from proxy.errors import OverloadedError
-from proxy.http_api import GATEWAY, Gateway, add_request_id, add_routes, gateway_middleware
+from proxy.http_api import GATEWAY, add_request_id, add_routes, gateway_middleware
 from proxy.limits import DemandBuilder, Limiter, MemoryLimitStore
 from proxy.limits_redis import RedisLimitStore
 from proxy.observability import Metrics, Sample, configure_logging, flush_logs_periodically, log
+from proxy.pipeline import Gateway
 from proxy.relay import Dispatcher
 from proxy.streams import StreamRegistry
 from proxy.upstream import Upstream
@@ -61,9 +62,7 @@ def create_app(settings: Settings) -> web.Application:
                                         settings.routing.retry.budget_min), events=metrics)
     gateway = Gateway(settings, KeyStore(settings.keys), balancer, upstreams,
                       build_limiter(settings, metrics), DemandBuilder(settings), admission,
-                      dispatcher, StreamRegistry(buffer_bytes=settings.streams.buffer_bytes,
-                                                 retain_bytes=settings.streams.retain_bytes),
-                      metrics=metrics)
+                      dispatcher, build_stream_registry(settings, metrics), metrics=metrics)
     app[GATEWAY] = gateway
     metrics.watch(gateway_samples(gateway))
     app.cleanup_ctx.append(_limiter)
@@ -74,6 +73,16 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_on_shutdown)
     add_routes(app)
     return app
+
+
+def build_stream_registry(settings: Settings, metrics: Metrics) -> StreamRegistry:
+    """The stream registry for ``streams:`` (detach timeout, retention, byte caps)."""
+    config = settings.streams
+    registry = StreamRegistry(buffer_bytes=config.buffer_bytes, retain_bytes=config.retain_bytes,
+                              detach_timeout_s=config.detach_timeout_s, retention_s=config.retention_s,
+                              max_total_bytes=config.max_total_bytes)
+    registry.on_detach_cancel = metrics.stream_detach_cancels.inc
+    return registry
 
 
 def build_balancer(settings: Settings, admission: Admission) -> Balancer:

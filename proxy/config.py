@@ -206,11 +206,26 @@ class ModelConfig(_Frozen):
 
 
 class StreamsConfig(_Frozen):
-    """``streams:`` — per-stream memory: ``buffer`` unsent bytes at which the upstream read
-    pauses for a slow client (resuming below half), ``retain`` bytes of sent events kept."""
+    """``streams:`` — stream logs and reconnection (DESIGN §4 "Reconnection").
+
+    ``buffer``: unsent bytes at which the upstream read pauses for a slow (or absent)
+    client, resuming below half; ``retain``: bytes of sent events kept per stream for
+    resumers. ``detach_timeout``: how long a stream whose client left keeps generating
+    before it is cancelled (nobody re-attached). ``retention``: how long a finished stream
+    stays resumable. ``max_total_bytes``: bytes all stream logs of a process may hold
+    (finished ones are evicted oldest first; past it new streams get 503).
+    ``producer_timeout``: with ``state.backend: redis``, how long readers on other
+    instances wait for a silent producer's heartbeat before ending the stream with
+    ``stream_interrupted``. ``redis_maxlen``: events kept per stream in Redis (MAXLEN).
+    """
 
     buffer_bytes: SizeBytes = Field(256 * 1024, alias="buffer")
     retain_bytes: SizeBytes = Field(1024 * 1024, alias="retain")
+    detach_timeout_s: DurationS = Field(30.0, alias="detach_timeout")
+    retention_s: DurationS = Field(300.0, alias="retention")
+    max_total_bytes: SizeBytes = Field(256 * 2**20, alias="max_total_bytes")
+    producer_timeout_s: PositiveDurationS = Field(10.0, alias="producer_timeout")
+    redis_maxlen: int = Field(100_000, ge=16)
 
 
 class RetryConfig(_Frozen):

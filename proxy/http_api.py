@@ -1,14 +1,15 @@
-"""aiohttp handlers for ``/v1/*``, ``/healthz``, ``/readyz``, ``/metrics``, and the middleware
-that gives every response an ``x-request-id`` and turns every ``GatewayError`` into OpenAI's
-``{"error": {...}}`` shape (DESIGN §4 HTTP endpoints and Wire rules).
+"""aiohttp handlers for ``/v1/*``, ``/v1/streams/*``, ``/healthz``, ``/readyz``, ``/metrics``,
+and the middleware that gives every response an ``x-request-id`` and turns every
+``GatewayError`` into OpenAI's ``{"error": {...}}`` shape (DESIGN §4 HTTP endpoints, Wire
+rules, Reconnection). The handlers are thin adapters over ``proxy.pipeline``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -17,54 +18,44 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.admission import Admission
-from proxy.auth import KeyStore, Principal
-from proxy.balancer import Balancer
-from proxy.config import Settings, model_matches
+from proxy import pipeline
+from proxy.auth import Principal
+from proxy.config import model_matches
 from proxy.errors import (
     GatewayError,
     InvalidRequestError,
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
-    RateLimitError,
     RequestTooLargeError,
 )
-from proxy.limits import (
-    DemandBuilder,
-    Lease,
-    Limiter,
-    completion_reserve,
-    estimate_prompt_tokens,
-    usage_counts,
-)
 from proxy.observability import (
-    Metrics,
     RequestContext,
     access_log,
     error_log,
     new_request_id,
     request_context,
 )
+from proxy.pipeline import Answer, Call, Gateway, StreamAnswer, StreamCursor
 from proxy.relay import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
     RESPONSES,
-    Dispatcher,
     Endpoint,
-    InferenceRequest,
     Route,
-    StreamJob,
     UnaryResult,
-    open_passthrough,
-    parse_inference,
-    produce_stream,
     send_unary,
 )
 from proxy.sse import KEEP_ALIVE
-from proxy.streams import StreamLog, StreamRegistry
-from proxy.upstream import Headers, Upstream, response_headers
+from proxy.streams import (
+    StreamNotFoundError,
+    UnaryAnswer,
+    parse_last_event_id,
+    parse_seq,
+    valid_stream_id,
+)
+from proxy.upstream import Upstream, map_client_error, response_headers
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -76,42 +67,6 @@ _SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-
-
-@dataclass(slots=True)
-class Gateway:
-    """Everything the handlers share, stored on the app under ``GATEWAY``.
-
-    Attributes:
-        settings: the validated config.
-        keys: virtual keys.
-        balancer: model → deployment.
-        upstreams: upstream name → its pooled client.
-        limiter: per-key limits (memory or Redis).
-        demands: builds each request's limit demand from config.
-        admission: in-flight slots and wait queues per upstream.
-        dispatcher: attempts, retries and failover.
-        streams: live stream logs.
-        metrics: Prometheus collectors.
-        draining: set on shutdown; ``/readyz`` answers 503 from then on.
-    """
-
-    settings: Settings
-    keys: KeyStore
-    balancer: Balancer
-    upstreams: dict[str, Upstream]
-    limiter: Limiter
-    demands: DemandBuilder
-    admission: Admission
-    dispatcher: Dispatcher
-    streams: StreamRegistry = field(default_factory=StreamRegistry)
-    metrics: Metrics = field(default_factory=Metrics)
-    draining: bool = False
-
-
-    def busy(self) -> bool:
-        """Whether any request holds an upstream slot or any stream is still running."""
-        return any(self.admission.in_flight(name) for name in self.upstreams) or len(self.streams) > 0
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -238,197 +193,162 @@ def authenticate(request: web.Request) -> Principal:
 
 def inference_handler(endpoint: Endpoint) -> Handler:
     """The handler for one inference endpoint (chat, completions, embeddings, responses):
-    DESIGN §3 — authenticate, parse, route, admit against the key's limits, relay, settle."""
+    authenticate, read the body, run the pipeline (DESIGN §3), write its answer. A POST with
+    ``Last-Event-ID: <stream_id>:<seq>`` resumes that stream instead (DESIGN §4)."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         gateway = request.app[GATEWAY]
         principal = authenticate(request)
-        raw = await read_body(request)
-        parsed = parse_inference(endpoint, raw)
-        gateway.balancer.require(parsed.model, principal.models)
-        ctx = request_context.get()
-        if ctx is not None:
-            ctx.model = parsed.model
-        charge = Charge(estimate_prompt_tokens(len(raw)), completion_reserve(
-            parsed.payload, gateway.settings.limits.default_reserve_tokens, endpoint.streams))
-        try:
-            charge.lease = await gateway.limiter.acquire(gateway.demands.demand(
-                principal.name, parsed.model, charge.prompt_estimate, charge.completion_reserve))
-        except RateLimitError as exc:
-            gateway.metrics.rate_limited.labels(principal.name, exc.code or "-").inc()
-            raise
-        route = Route(parsed.model, principal.models, principal.priority)
-        try:
-            if parsed.stream:
-                job = StreamJob(parsed, route, request.headers, gateway.streams.create(principal.name))
-                return await serve_stream(request, gateway, job, charge)
-            return await serve_unary(gateway, route, parsed, request.headers, charge)
-        except GatewayError as exc:
-            exc.extra_headers.update(charge.headers)
-            raise
+        last_event_id = request.headers.get("Last-Event-ID")
+        if last_event_id is not None and endpoint.streams:
+            stream_id, after_seq = parse_last_event_id(last_event_id)
+            return await write_resumed(request, await pipeline.resume(gateway, principal, stream_id,
+                                                                      after_seq))
+        call = Call(principal, endpoint, await read_body(request), request.headers,
+                    request.headers.get("Idempotency-Key"))
+        return await write_answer(request, await pipeline.run(gateway, call))
 
     return handle
 
 
-@dataclass(slots=True)
-class Charge:
-    """What a request reserved and how it is settled.
+async def write_answer(request: web.Request, answer: Answer) -> web.StreamResponse:
+    """Write what the pipeline answered: a whole response, or the stream by cursor."""
+    if isinstance(answer, UnaryAnswer):
+        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+    return await write_stream(request, answer)
 
-    Attributes:
-        prompt_estimate: prompt tokens estimated from the body size.
-        completion_reserve: completion tokens reserved (``max_tokens`` times ``n`` or the default).
-        lease: the limiter's lease, or ``None`` for an unlimited key.
+
+async def write_resumed(request: web.Request, answer: StreamAnswer | None) -> web.StreamResponse:
+    """A resumed stream, or ``204 No Content`` when nothing was left after the cursor."""
+    if answer is None:
+        return web.Response(status=204)
+    return await write_stream(request, answer)
+
+
+async def write_stream(request: web.Request, answer: StreamAnswer) -> web.StreamResponse:
+    """Copy the stream to an SSE response: every frame after the reader's cursor with its
+    ``id: <stream_id>:<seq>`` line, then the live tail, until the stream ends. During
+    silence longer than ``server.sse_keepalive`` the single line ``: keep-alive`` is
+    written, always between complete events (DESIGN §4 Wire rules).
+
+    Each write is awaited (drained) before the next read, so a slow client slows the
+    upstream read. A client that leaves (noticed at once: aiohttp cancels this handler when
+    the connection closes) detaches: the stream goes on for ``streams.detach_timeout``.
     """
-
-    prompt_estimate: int
-    completion_reserve: int
-    lease: Lease | None = None
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """The ``x-ratelimit-*`` headers every response to a limited key carries."""
-        return self.lease.headers if self.lease is not None else {}
-
-
-async def settle(gateway: Gateway, charge: Charge, model: str, counts: tuple[int, int] | None) -> None:
-    """Settle ``charge`` with ``(prompt, completion)`` tokens used; ``None`` charges the
-    whole reservation (the request ended without the gateway learning what it used)."""
-    lease = charge.lease
-    if lease is None:
-        return
-    if counts is None:
-        tokens, usd = lease.demand.tokens, lease.demand.usd
-    else:
-        tokens = counts[0] + counts[1]
-        budget = lease.demand.budget
-        usd = gateway.demands.cost_usd(model, *counts) if budget and budget.usd else 0.0
-    await gateway.limiter.settle(lease, tokens, usd)
-
-
-async def serve_unary(gateway: Gateway, route: Route, parsed: InferenceRequest, headers: Headers,
-                      charge: Charge) -> web.StreamResponse:
-    """Relay a whole answer (with failover); settle with the upstream's usage (nothing after
-    an upstream error, the whole reservation if the client left mid-request)."""
-    ctx = request_context.get()
-
-    async def attempt(upstream: Upstream) -> UnaryResult:
-        if ctx is not None:
-            ctx.upstream = upstream.name
-        body, _ = parsed.upstream_body(upstream.config.inject_stream_usage)
-        return await send_unary(upstream, "POST", parsed.endpoint.path, body, headers)
-
-    counts: tuple[int, int] | None = None
-    try:
-        result = await gateway.dispatcher.run(route, attempt)
-        counts = usage_counts(result.usage)
-    except GatewayError:
-        counts = (0, 0)
-        raise
-    finally:
-        await settle(gateway, charge, parsed.model, counts)
-    if ctx is not None:
-        ctx.usage = result.usage
-    response = unary_response(result)
-    response.headers.update(charge.headers)
-    return response
-
-
-def unary_response(result: UnaryResult) -> web.Response:
-    """The client's copy of a whole upstream answer (body byte for byte)."""
-    return web.Response(status=result.status, body=result.body,
-                        headers=response_headers(result.headers))
-
-
-async def produce_and_settle(gateway: Gateway, job: StreamJob, charge: Charge) -> None:
-    """Run the stream's producer (it holds and frees its upstream slot), then settle its
-    charge: the upstream's usage, else the prompt estimate plus one token per event
-    generated, else nothing if the stream failed before its first event."""
-    try:
-        await produce_stream(job, gateway.dispatcher)
-    finally:
-        counts = usage_counts(job.metering.usage)
-        if counts is None:
-            counts = (charge.prompt_estimate, job.metering.events) if job.log.last_seq else (0, 0)
-        await settle(gateway, charge, job.request.model, counts)
-
-
-async def serve_stream(request: web.Request, gateway: Gateway, job: StreamJob,
-                       charge: Charge) -> web.StreamResponse:
-    """Start the producer, wait for the first event, then copy the log to an SSE response.
-
-    An upstream failure before the first event raises it (a real HTTP status); after it,
-    the log's error event ends the stream. The reader detaches in every case, which today
-    cancels generation if the client left.
-    """
-    log = job.log
-    ctx = request_context.get()
-    if ctx is not None:
-        ctx.stream_id = log.stream_id
-    log.producer = asyncio.get_running_loop().create_task(produce_and_settle(gateway, job, charge))
+    gateway = request.app[GATEWAY]
+    reader, ctx = answer.reader, request_context.get()
     gateway.metrics.streams_active.inc()
     try:
-        await log.wait(0)
-        if log.error is not None:
-            raise log.error
-        response = web.StreamResponse(headers={**_SSE_HEADERS, **charge.headers,
-                                               "X-Stream-Id": log.stream_id})
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **answer.headers})
         await response.prepare(request)
-        try:
-            await copy_log(response, log, gateway.settings.server.sse_keepalive_s)
-        except ConnectionResetError:  # the client left between two writes
-            gateway.metrics.client_disconnects.inc()
-            if ctx is not None:
-                ctx.client_closed = True
+        await _copy_frames(response, reader, gateway.settings.server.sse_keepalive_s)
         return response
-    except asyncio.CancelledError:  # the client left; handler cancellation is on
+    except (asyncio.CancelledError, ConnectionResetError):
         gateway.metrics.client_disconnects.inc()
+        if ctx is not None:
+            ctx.client_closed = True
         raise
     finally:
         gateway.metrics.streams_active.dec()
-        gateway.streams.detach(log)
-        if ctx is not None:
-            ctx.usage = job.metering.usage
+        reader.close()
 
 
-async def copy_log(response: web.StreamResponse, log: StreamLog, keepalive_s: float,
-                   after_seq: int = 0) -> None:
-    """Write every frame after ``after_seq`` with its ``id: <stream_id>:<seq>`` line, then the
-    live tail, until the log closes. During silence longer than ``keepalive_s`` the single
-    line ``: keep-alive`` is written, always between complete events (DESIGN §4).
-
-    Each write is awaited (drained) before the next read of the log.
-    """
-    prefix = b"id: " + log.stream_id.encode() + b":"
-    cursor = after_seq
-    while True:
-        frames = log.read(cursor)
-        if frames:
-            out = bytearray()
-            for frame in frames:
-                cursor += 1
-                out += prefix + str(cursor).encode() + b"\n" + frame
-            await response.write(out)  # drains once aiohttp's transport buffer is full
-            log.ack(cursor)
-            continue
-        if log.closed:
-            break
-        try:
-            async with asyncio.timeout(keepalive_s):
-                await log.wait(cursor)
-        except TimeoutError:
+async def _copy_frames(response: web.StreamResponse, reader: StreamCursor, keepalive_s: float) -> None:
+    prefix = b"id: " + reader.stream_id.encode() + b":"
+    while (frames := await reader.next(keepalive_s)) is not None:
+        if not frames:
             await response.write(KEEP_ALIVE)
+            continue
+        seq = reader.after_seq - len(frames)
+        out = bytearray()
+        for frame in frames:
+            seq += 1
+            out += prefix + str(seq).encode() + b"\n" + frame
+        await response.write(out)  # drains once aiohttp's transport buffer is full
     await response.write_eof()
+
+
+async def stream_resume(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/streams/{stream_id}`` with ``Last-Event-ID: <stream_id>:<seq>`` or
+    ``?starting_after=<seq>`` (neither: from the start). Works from a browser
+    ``EventSource``, which reconnects with ``Last-Event-ID`` by itself (WHATWG HTML §9.2).
+    200 replay then live tail; 204 nothing left; 400 malformed or beyond the latest seq;
+    404 unknown, expired or another key's; 409 trimmed (``error.earliest_seq``)."""
+    gateway = request.app[GATEWAY]
+    principal = authenticate(request)
+    stream_id = _stream_id(request)
+    after_seq = _cursor(request, stream_id)
+    return await write_resumed(request, await pipeline.resume(gateway, principal, stream_id, after_seq))
+
+
+def _stream_id(request: web.Request) -> str:
+    stream_id = request.match_info["stream_id"]
+    if not valid_stream_id(stream_id):
+        raise InvalidRequestError("Stream ids look like gs_<24 hex>.", param="stream_id",
+                                  code="invalid_stream_id")
+    return stream_id
+
+
+def _cursor(request: web.Request, stream_id: str) -> int:
+    """The seq to resume after: ``Last-Event-ID`` (must name this stream) wins over
+    ``starting_after``; 0 when neither is given."""
+    last_event_id = request.headers.get("Last-Event-ID")
+    if last_event_id is not None:
+        named, seq = parse_last_event_id(last_event_id)
+        if named != stream_id:
+            raise InvalidRequestError("Last-Event-ID names another stream.",
+                                      param="Last-Event-ID", code="invalid_cursor")
+        return seq
+    starting_after = request.query.get("starting_after")
+    return 0 if starting_after is None else parse_seq(starting_after, "starting_after")
+
+
+async def stream_cancel(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/streams/{stream_id}/cancel``: stop generation (idempotent; a finished
+    stream is left as it is). 404 as for resume."""
+    gateway = request.app[GATEWAY]
+    principal = authenticate(request)
+    stream_id = _stream_id(request)
+    await pipeline.cancel_stream(gateway, principal, stream_id)
+    return json_response({"id": stream_id, "object": "stream", "cancelled": True})
+
+
+async def retrieve_response(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/responses/{response_id}``: with ``stream=true``, a Responses stream the
+    gateway holds is served from its log after ``starting_after`` (the events'
+    ``sequence_number``), so ``client.responses.retrieve(id, stream=True,
+    starting_after=N)`` resumes on any upstream; anything else passes through to the
+    upstream (OpenAI's own stored and background responses)."""
+    gateway = request.app[GATEWAY]
+    principal = authenticate(request)
+    if request.query.get("stream") == "true":
+        starting_after = request.query.get("starting_after")
+        after = -1 if starting_after is None else parse_seq(starting_after, "starting_after")
+        try:
+            answer = await pipeline.resume_response(gateway, principal, request.match_info["response_id"],
+                                                    after)
+        except StreamNotFoundError:
+            pass
+        else:
+            return await write_resumed(request, answer)
+    return await passthrough(request)
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     """``GET /v1/models``: the union of every upstream's list, filtered to what the key may
-    use, plus models named literally in config. Upstreams that fail are left out."""
+    use, plus models named literally in config. Each upstream is asked through admission
+    like any request (a slot, the queue, health); upstreams that fail are left out."""
     gateway = request.app[GATEWAY]
     principal = authenticate(request)
-    headers = request.headers
-    results = await asyncio.gather(
-        *(send_unary(u, "GET", "/models", None, headers) for u in gateway.upstreams.values()),
-        return_exceptions=True)
+
+    async def models_of(upstream: Upstream) -> UnaryResult:
+        route = Route("", principal.models, principal.priority, upstream=upstream.name)
+        return await gateway.dispatcher.run(route, functools.partial(
+            send_unary, method="GET", path="/models", body=None, headers=request.headers),
+            committed=_no_retry)
+
+    results = await asyncio.gather(*(models_of(u) for u in gateway.upstreams.values()),
+                                   return_exceptions=True)
     models: dict[str, Any] = {}
     for upstream, result in zip(gateway.upstreams.values(), results, strict=True):
         for model in _model_entries(upstream, result):
@@ -438,6 +358,11 @@ async def list_models(request: web.Request) -> web.StreamResponse:
                                      "owned_by": "shepherd"})
     data = [m for m_id, m in models.items() if principal.may_use(m_id)]
     return json_response({"object": "list", "data": data})
+
+
+def _no_retry() -> bool:
+    """``committed`` for requests that are not retried (listing, passthrough)."""
+    return True
 
 
 def _model_entries(upstream: Upstream, result: UnaryResult | BaseException) -> list[dict[str, Any]]:
@@ -457,53 +382,77 @@ def _model_entries(upstream: Upstream, result: UnaryResult | BaseException) -> l
 
 
 async def retrieve_model(request: web.Request) -> web.StreamResponse:
-    """``GET /v1/models/{id}``; ids may contain ``/`` (sent as ``%2F`` by new SDKs)."""
+    """``GET /v1/models/{id}``; ids may contain ``/`` (sent as ``%2F`` by new SDKs). Routed,
+    admitted and failed over like an inference request for that model."""
     gateway = request.app[GATEWAY]
     principal = authenticate(request)
     model_id = request.match_info["model"]
-    name = gateway.balancer.choose(gateway.balancer.candidates(model_id, principal.models))
     path = "/models/" + quote(model_id, safe="/@:")
+    route = Route(model_id, principal.models, principal.priority)
     try:
-        result = await send_unary(gateway.upstreams[name], "GET", path, None, request.headers)
+        result = await gateway.dispatcher.run(route, functools.partial(
+            send_unary, method="GET", path=path, body=None, headers=request.headers))
     except GatewayError as exc:
         if exc.http_status == 404:
             raise ModelNotFoundError(model_id) from None
         raise
-    return unary_response(result)
+    return web.Response(status=result.status, body=result.body,
+                        headers=response_headers(result.headers))
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """Any other ``/v1/*`` path: sent byte for byte (multipart keeps its boundary) to the
     deployment of the body's ``model`` if it is JSON naming one, else the key's first
-    deployment; the answer is streamed back unchanged, still encoded."""
+    deployment, through admission like any request (not retried: it may not be
+    idempotent); the answer is streamed back unchanged, still encoded."""
     gateway = request.app[GATEWAY]
     principal = authenticate(request)
     body = await read_body(request)
-    model = _json_model(request, body)
-    name = (gateway.balancer.choose(gateway.balancer.candidates(model, principal.models))
-            if model is not None else gateway.balancer.default_for(principal.models))
-    upstream = gateway.upstreams[name]
+    route = _passthrough_route(gateway, principal, _json_model(request, body))
     path = request.rel_url.raw_path[len("/v1"):]
-    async with open_passthrough(upstream, request.method, path, request.rel_url.raw_query_string,
-                                request.headers, body or None) as upstream_response:
-        response = web.StreamResponse(
-            status=upstream_response.status,
-            headers=response_headers(upstream_response.headers, keep_encoding=True))
-        await response.prepare(request)
-        ctx = request_context.get()
+
+    async def attempt(upstream: Upstream) -> web.StreamResponse:
         try:
-            async for chunk in upstream_response.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-        except ConnectionResetError:
-            if ctx is not None:
-                ctx.client_closed = True
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # Headers are sent; the only honest signal left is a cut connection.
-            error_log.warning("passthrough body failed", extra={"upstream": name,
-                                                                "error": type(exc).__name__})
-            if request.transport is not None:
-                request.transport.abort()
+            async with asyncio.timeout(upstream.config.timeouts.first_byte_s):
+                upstream_response = await upstream.send(
+                    request.method, path, body or None, request.headers,
+                    query_string=request.rel_url.raw_query_string, passthrough=True)
+        except TimeoutError as exc:
+            raise map_client_error(upstream, exc) from None
+        async with upstream_response:
+            return await _relay_passthrough(request, upstream, upstream_response)
+
+    return await gateway.dispatcher.run(route, attempt, committed=_no_retry)
+
+
+def _passthrough_route(gateway: Gateway, principal: Principal, model: str | None) -> Route:
+    if model is not None:
+        gateway.balancer.require(model, principal.models)
+        return Route(model, principal.models, principal.priority)
+    return Route("", principal.models, principal.priority,
+                 upstream=gateway.balancer.default_for(principal.models))
+
+
+async def _relay_passthrough(request: web.Request, upstream: Upstream,
+                             upstream_response: aiohttp.ClientResponse) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=upstream_response.status,
+        headers=response_headers(upstream_response.headers, keep_encoding=True))
+    await response.prepare(request)
+    ctx = request_context.get()
+    try:
+        async for chunk in upstream_response.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionResetError:
+        if ctx is not None:
+            ctx.client_closed = True
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # Headers are sent; the only honest signal left is a cut connection.
+        error_log.warning("passthrough body failed", extra={"upstream": upstream.name,
+                                                            "error": type(exc).__name__})
+        if request.transport is not None:
+            request.transport.abort()
     return response
 
 
@@ -556,6 +505,9 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post("/v1" + endpoint.path, inference_handler(endpoint))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
+    app.router.add_get("/v1/streams/{stream_id}", stream_resume)
+    app.router.add_post("/v1/streams/{stream_id}/cancel", stream_cancel)
+    app.router.add_get("/v1/responses/{response_id}", retrieve_response)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -182,6 +182,15 @@ class Metrics:
             ``upstream_connection_error``, ``upstream_timeout``, ``upstream_error``).
         streams_active: SSE streams being served now.
         client_disconnects: streams whose client went away before the end.
+        streams_started: streamed requests that started a stream log.
+        stream_resumes: readers attached to an existing stream (resume, EventSource,
+            Idempotency-Key), by ``where`` the log was: ``local`` or ``remote``.
+        stream_detach_cancels: streams cancelled because nobody re-attached within
+            ``streams.detach_timeout``.
+        stream_store_errors: Redis stream-log operations that failed (the stream went on
+            in-process).
+        idempotent_replays: requests answered from what an earlier request with the same
+            ``Idempotency-Key`` started.
         request_seconds: time from request to last byte, by endpoint.
     """
 
@@ -202,6 +211,21 @@ class Metrics:
             "shepherd_client_disconnects", "Streams whose client left before the end",
             registry=self.registry,
         )
+        self.streams_started = Counter(
+            "shepherd_streams_started", "Streamed requests that started a stream log",
+            registry=self.registry)
+        self.stream_resumes = Counter(
+            "shepherd_stream_resumes", "Readers attached to an existing stream", ["where"],
+            registry=self.registry)
+        self.stream_detach_cancels = Counter(
+            "shepherd_stream_detach_cancels", "Streams cancelled because nobody re-attached "
+            "within streams.detach_timeout", registry=self.registry)
+        self.stream_store_errors = Counter(
+            "shepherd_stream_store_errors", "Redis stream-log operations that failed (the "
+            "stream went on in-process)", registry=self.registry)
+        self.idempotent_replays = Counter(
+            "shepherd_idempotent_replays", "Requests answered from an earlier request with "
+            "the same Idempotency-Key", registry=self.registry)
         self.limit_store_fallbacks = Counter(
             "shepherd_limit_store_fallbacks", "Limit checks answered by per-process limits "
             "because Redis was unavailable", registry=self.registry,

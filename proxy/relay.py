@@ -1,9 +1,11 @@
-"""Runs one request against an upstream: the path of DESIGN §3 after admission.
+"""Dispatch and relay: the attempts of one request on deployments, and what each attempt
+does with the upstream's answer (DESIGN §3 "dispatch"; ``pipeline`` calls it).
 
-Unary requests are sent on the upstream's pooled session and answered whole. Streamed
-requests get a ``StreamLog``; a producer task (owned by the app through the registry, not by
-the request handler) reads the upstream's SSE, re-frames each event and appends it, and the
-client writer reads the log by cursor. Usage is metered from the upstream's own ``usage``
+``Dispatcher`` takes an admission slot, runs an attempt, reports health, and retries or fails
+over until the first byte reached the client. A unary attempt (``send_unary``) reads the
+whole answer. A stream attempt (``produce_stream``, run by the producer task the
+``StreamRegistry`` owns) reads the upstream's SSE, re-frames each event and appends it to
+the stream log, which client readers follow by cursor. Usage is metered from the upstream's own ``usage``
 objects; for chat and completion streams ``stream_options.include_usage`` is injected
 upstream when the client did not ask for it, and that extra ``choices: []`` chunk is dropped
 before it reaches the client (DESIGN §4 Wire rules).
@@ -15,16 +17,13 @@ import asyncio
 import functools
 import itertools
 import logging
-import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
-from aiohttp_retry import ExponentialRetry
 from multidict import CIMultiDictProxy
 
 from proxy.admission import Admission
@@ -42,7 +41,13 @@ from proxy.errors import (
 )
 from proxy.sse import DONE, SSEError, SSEParser, encode_event
 from proxy.streams import StreamLog, StreamState, error_frame
-from proxy.upstream import Headers, Upstream
+from proxy.upstream import (
+    DEFAULT_RETRY_AFTER_S,
+    Headers,
+    Upstream,
+    map_client_error,
+    normalize_error_body,
+)
 
 error_log = logging.getLogger("proxy.error")
 
@@ -57,9 +62,6 @@ _DONE_FRAME = encode_event(DONE)
 #: The most bytes taken from the upstream response per read, so the backpressure check
 #: between reads bounds what a stream log holds beyond ``streams.buffer``.
 READ_CHUNK_BYTES = 16 * 1024
-
-#: The retry hint sent with an upstream 429/503 that gave none, in seconds.
-DEFAULT_RETRY_AFTER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,92 +155,6 @@ def parse_inference(endpoint: Endpoint, raw: bytes) -> InferenceRequest:
     return InferenceRequest(endpoint, payload, raw, model, bool(stream), wants_usage)
 
 
-def _error_object(message: str, error_type: str, param: object = None, code: object = None) -> JSONDict:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def normalize_error_body(obj: object) -> JSONDict | None:
-    """Bring an upstream error object into OpenAI's nested shape, or ``None`` if it is none.
-
-    Accepts ``{"error": {...}}`` (filled in), ``{"error": "text"}``, and the old flat vLLM
-    shape ``{"object": "error", "message", "type", "param", "code"}``.
-    """
-    if not isinstance(obj, dict):
-        return None
-    error = obj.get("error")
-    if isinstance(error, dict):
-        return _error_object(str(error.get("message") or "upstream error"),
-                             str(error.get("type") or "upstream_error"),
-                             error.get("param"), error.get("code"))
-    if isinstance(error, str):
-        return _error_object(error, "upstream_error")
-    if obj.get("object") == "error":
-        return _error_object(str(obj.get("message") or "upstream error"),
-                             str(obj.get("type") or "upstream_error"),
-                             obj.get("param"), obj.get("code"))
-    return None
-
-
-def upstream_status_error(upstream: Upstream, status: int, body: bytes,
-                          retry_after: str | None) -> GatewayError:
-    """Map an upstream error response to the error the client gets.
-
-    4xx other than 401/403 and 5xx keep their status and (normalized) body; 401/403 mean the
-    gateway's own upstream credentials are wrong, so the client gets 502 rather than a hint
-    that its key failed; 3xx (redirects are not followed) is a 502. A body that is not JSON
-    is wrapped in the OpenAI shape with a short excerpt.
-    """
-    try:
-        parsed = normalize_error_body(orjson.loads(body)) if body else None
-    except orjson.JSONDecodeError:
-        parsed = None
-    if status in (401, 403) or status < 400:
-        what = "redirected" if status < 400 else "rejected the gateway's credentials"
-        return UpstreamError(f"Upstream {upstream.name} {what} (HTTP {status}).",
-                             code=f"upstream_{status}")
-    if parsed is None:
-        excerpt = body[:200].decode("utf-8", "replace").strip()
-        parsed = _error_object(f"Upstream {upstream.name} answered HTTP {status}: {excerpt}",
-                               "upstream_error", None, f"upstream_{status}")
-    retry_after_s = _retry_after_s(retry_after)
-    if retry_after_s is None and status in (429, 503):
-        retry_after_s = DEFAULT_RETRY_AFTER_S  # DESIGN §4: 429 and 503 always carry a hint
-    return UpstreamStatusError(status, parsed, retry_after_s=retry_after_s)
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header given in seconds; ``None`` when absent or an
-    HTTP date (RFC 9110 §10.2.3 allows both; upstreams of this API send seconds)."""
-    try:
-        seconds = float(value) if value is not None else math.nan
-    except ValueError:
-        return None
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-def map_client_error(upstream: Upstream, exc: BaseException) -> GatewayError:
-    """Turn an aiohttp / timeout / parse failure into the gateway error the client sees."""
-    if isinstance(exc, GatewayError):
-        return exc
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return UpstreamTimeoutError(f"Upstream {upstream.name} timed out.")
-    if isinstance(exc, SSEError):
-        return UpstreamError(f"Upstream {upstream.name} sent an unparsable stream: {exc}")
-    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
-        return UpstreamConnectionError(f"Upstream {upstream.name} closed the connection mid-response.")
-    return UpstreamConnectionError(f"Upstream {upstream.name} could not be reached ({type(exc).__name__}).")
-
-
-def request_error(upstream: Upstream, exc: BaseException) -> GatewayError:
-    """``map_client_error`` for a failure before any of the response arrived: there, a
-    server disconnect means a pooled keep-alive connection the upstream had already closed
-    (``stale``: the dispatcher redoes the attempt once on another connection)."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamConnectionError(f"Upstream {upstream.name} closed a pooled connection.",
-                                       stale=True)
-    return map_client_error(upstream, exc)
-
-
 @dataclass(slots=True)
 class UnaryResult:
     """A whole upstream answer: ``status``, ``headers``, ``body`` and parsed ``usage``."""
@@ -259,27 +175,22 @@ class Metering:
 
 async def send_unary(upstream: Upstream, method: str, path: str, body: bytes | None,
                      headers: Headers, query_string: str = "") -> UnaryResult:
-    """Send one request and read the whole answer; the pooled connection is always released.
-    ``timeouts.first_byte`` bounds each wait for the answer (``Upstream.unary_timeout``).
+    """A unary attempt: send one request (``Upstream.send``) and read the whole answer; the
+    pooled connection is always released. ``timeouts.first_byte`` bounds each wait for the
+    answer (``Upstream.unary_timeout``).
 
     Raises:
         GatewayError: connect failure or timeout (502/504), or the upstream's error status.
-        Cancelling is safe: the connection is closed, not returned to the pool half-read.
+    Cancelling is safe: the connection is closed, not returned to the pool half-read.
     """
-    try:
-        response = await upstream.session.request(
-            method, upstream.url(path, query_string), data=body, timeout=upstream.unary_timeout,
-            headers=upstream.request_headers(headers), allow_redirects=False)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise request_error(upstream, exc) from None
+    response = await upstream.send(method, path, body, headers, query_string=query_string,
+                                   client_timeout=upstream.unary_timeout)
+    await upstream.raise_for_status(response)
     try:
         async with response:
             data = await response.read()
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise map_client_error(upstream, exc) from None
-    if response.status >= 300:
-        raise upstream_status_error(upstream, response.status, data,
-                                    response.headers.get("Retry-After"))
     return UnaryResult(response.status, response.headers, data, _usage_of(data))
 
 
@@ -294,35 +205,16 @@ def _usage_of(body: bytes) -> JSONDict | None:
     return usage if isinstance(usage, dict) else None
 
 
-@asynccontextmanager
-async def open_passthrough(upstream: Upstream, method: str, path: str, query_string: str,
-                           headers: Headers, body: bytes | None
-                           ) -> AsyncIterator[aiohttp.ClientResponse]:
-    """Send a request byte for byte (encoding negotiated by the client) and yield the
-    response, still encoded, for the caller to stream back. Released on exit.
-
-    Raises:
-        GatewayError: connect failure or first-byte timeout (502/504).
-    """
-    try:
-        async with asyncio.timeout(upstream.config.timeouts.first_byte_s):
-            response = await upstream.session.request(
-                method, upstream.url(path, query_string), data=body, allow_redirects=False,
-                headers=upstream.request_headers(headers, keep_encoding=True),
-                auto_decompress=False)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise map_client_error(upstream, exc) from None
-    async with response:
-        yield response
-
-
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Who asks for which model: the key's model patterns and queue priority."""
+    """Who asks for which model: the key's model patterns and queue priority; ``upstream``
+    pins the request to one deployment (the model list, passthrough without a model),
+    ``None`` lets the balancer pick among the model's deployments."""
 
     model: str
     allowed: tuple[str, ...]
     priority: int = 0
+    upstream: str | None = None
 
 
 @dataclass(slots=True)
@@ -337,6 +229,8 @@ class StreamJob:
         metering: receives the usage the upstream reports.
         upstream: the deployment of the current attempt (``None`` before the first).
         injected_usage: drop the ``choices: []`` usage chunk before it reaches the log.
+        on_response_id: called with the ``id`` of a Responses API stream's
+            ``response.created`` event (the registry indexes the log by it).
     """
 
     request: InferenceRequest
@@ -346,6 +240,7 @@ class StreamJob:
     metering: Metering = field(default_factory=Metering)
     upstream: Upstream | None = None
     injected_usage: bool = False
+    on_response_id: Callable[[str], None] = lambda _response_id: None
 
 
 def is_retryable(error: GatewayError) -> bool:
@@ -376,8 +271,6 @@ class Dispatcher:
         self.retry = retry
         self.budget = budget
         self.events = events or NoEvents()
-        self._backoff = ExponentialRetry(attempts=retry.attempts, start_timeout=retry.backoff_base_s,
-                                         max_timeout=retry.backoff_max_s)
 
     async def run(self, route: Route, attempt: Callable[[Upstream], Awaitable[T]],
                   committed: Callable[[], bool] = lambda: False) -> T:
@@ -436,7 +329,8 @@ class Dispatcher:
 
     async def _slot(self, route: Route, tried: set[str], last: GatewayError | None) -> str:
         try:
-            candidates = self.balancer.candidates(route.model, route.allowed, frozenset(tried))
+            candidates = ([route.upstream] if route.upstream is not None else
+                          self.balancer.candidates(route.model, route.allowed, frozenset(tried)))
         except (OverloadedError, RateLimitError):
             if last is not None:
                 raise last from None  # nowhere left to fail over to: the real error
@@ -467,14 +361,23 @@ class Dispatcher:
             raise error
         self.events.count_retry(name, _error_kind(error))
         try:
-            await asyncio.sleep(random.uniform(0, self._backoff.get_timeout(n - 1)))
+            await asyncio.sleep(self.backoff_s(n))
         except asyncio.CancelledError:
             if budgeted:
                 self.budget.end_retry()
             raise
         return budgeted
 
+    def backoff_s(self, attempts: int) -> float:
+        """The wait before the next try after ``attempts`` tries, in seconds: uniform in
+        [0, min(backoff_max, backoff_base * 2^(attempts - 1))] ("full jitter", AWS
+        Architecture Blog, "Exponential Backoff And Jitter")."""
+        cap_s = min(self.retry.backoff_max_s, self.retry.backoff_base_s * 2 ** (attempts - 1))
+        return random.uniform(0, cap_s)
+
     def _untried_available(self, route: Route, tried: set[str]) -> bool:
+        if route.upstream is not None:
+            return False
         try:
             candidates = self.balancer.candidates(route.model, route.allowed, frozenset(tried))
         except GatewayError:
@@ -549,15 +452,19 @@ async def produce_stream(job: StreamJob, dispatcher: Dispatcher) -> None:
 
 
 async def _stream_attempt(job: StreamJob, upstream: Upstream) -> None:
-    """One attempt: open the stream on ``upstream`` and pump it to its end. The connection
+    """One attempt: open the stream on ``upstream`` and pump it to its end. One deadline,
+    ``timeouts.first_byte``, runs from sending the request to the first event appended;
+    after it, ``read_gap`` (the session's ``sock_read``) bounds each silence. The connection
     is closed, not pooled, when the stream did not end cleanly."""
     job.upstream = upstream
     body, job.injected_usage = job.request.upstream_body(upstream.config.inject_stream_usage)
     response: aiohttp.ClientResponse | None = None
     clean = False
     try:
-        response = await _open_stream(upstream, job.request.endpoint.path, body, job.headers)
-        clean = await _pump_events(job, response)
+        async with asyncio.timeout(upstream.config.timeouts.first_byte_s) as first_byte:
+            response = await upstream.send("POST", job.request.endpoint.path, body, job.headers)
+            await upstream.raise_for_status(response)
+            clean = await _pump_events(job, response, first_byte)
     except (aiohttp.ClientError, TimeoutError, SSEError) as exc:
         if job.log.last_seq:
             error_log.warning("upstream stream failed", extra={
@@ -568,41 +475,22 @@ async def _stream_attempt(job: StreamJob, upstream: Upstream) -> None:
             response.release() if clean else response.close()
 
 
-async def _open_stream(upstream: Upstream, path: str, body: bytes, headers: Headers
-                       ) -> aiohttp.ClientResponse:
-    try:
-        async with asyncio.timeout(upstream.config.timeouts.first_byte_s):
-            response = await upstream.session.post(
-                upstream.url(path), data=body, headers=upstream.request_headers(headers),
-                allow_redirects=False)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise request_error(upstream, exc) from None
-    if response.status >= 300:
-        try:
-            data = await response.read()
-        finally:
-            response.release()
-        raise upstream_status_error(upstream, response.status, data,
-                                    response.headers.get("Retry-After"))
-    return response
-
-
-async def _pump_events(job: StreamJob, response: aiohttp.ClientResponse) -> bool:
-    """Copy events until the upstream ends; returns whether it ended cleanly."""
+async def _pump_events(job: StreamJob, response: aiohttp.ClientResponse,
+                       first_byte: asyncio.Timeout) -> bool:
+    """Copy events until the upstream ends; returns whether it ended cleanly. Lifts the
+    ``first_byte`` deadline once the first event is in the log."""
     log, parser, upstream = job.log, SSEParser(), job.upstream
     assert upstream is not None
-    deadline = asyncio.timeout(upstream.config.timeouts.first_byte_s)
     waiting_first = True
-    async with deadline:
-        async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
-            for event in parser.feed(chunk):
-                if _handle_event(job, event.data, event.event):
-                    return log.state is StreamState.DONE and await _drain(response)
-            if waiting_first and log.last_seq:
-                deadline.reschedule(None)  # first byte arrived; read_gap (sock_read) rules now
-                waiting_first = False
-            if log.backlogged:
-                await log.writable()  # a slow reader pauses the upstream read (backpressure)
+    async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+        for event in parser.feed(chunk):
+            if _handle_event(job, event.data, event.event):
+                return log.state is StreamState.DONE and await _drain(response)
+        if waiting_first and log.last_seq:
+            first_byte.reschedule(None)  # first event arrived; read_gap (sock_read) rules now
+            waiting_first = False
+        if log.backlogged:
+            await log.writable()  # a slow reader pauses the upstream read (backpressure)
     if job.request.endpoint.ends_with_done:
         raise UpstreamConnectionError(f"Upstream {upstream.name} ended the stream before [DONE].")
     log.finish()
@@ -643,7 +531,7 @@ def _handle_event(job: StreamJob, data: bytes, event: bytes | None) -> bool:
 #: Byte patterns of the events the relay must look inside: errors (nested or vLLM's flat
 #: ``"object":"error"``), usage objects, and the responses API's final event. JSON string
 #: content escapes its quotes (``\"error\"``), so generated text cannot match ``"error"``.
-_INTERESTING = (b'"error"', b'"usage":{', b'"usage": {', b'"response.completed"')
+_INTERESTING = (b'"error"', b'"usage":{', b'"usage": {', b'"response.completed"', b'"response.created"')
 
 
 def _may_matter(data: bytes) -> bool:
@@ -660,7 +548,13 @@ def _loads_or_none(data: bytes) -> object:
 
 
 def _meter(job: StreamJob, obj: JSONDict) -> bool:
-    """Record usage from a chunk; returns True if the chunk must be dropped (injected usage)."""
+    """Record usage from a chunk (and a Responses stream's response id); returns True if the
+    chunk must be dropped (injected usage)."""
+    if obj.get("type") == "response.created":
+        response = obj.get("response")
+        response_id = response.get("id") if isinstance(response, dict) else None
+        if isinstance(response_id, str) and response_id:
+            job.on_response_id(response_id)
     usage = obj.get("usage")
     if usage is None and obj.get("type") == "response.completed":
         response = obj.get("response")

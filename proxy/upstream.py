@@ -1,4 +1,6 @@
-"""One pooled keep-alive ``aiohttp.ClientSession`` per upstream, and header hygiene.
+"""One pooled keep-alive ``aiohttp.ClientSession`` per upstream, the one way a request is
+sent on it (``Upstream.send``), header hygiene, and how upstream failures map to the errors
+clients see.
 
 Each upstream gets its own ``TCPConnector`` (``max_connections``, keep-alive expiry, DNS
 cache) and a ``ClientTimeout(total=None, sock_connect=connect, sock_read=read_gap)``: there is
@@ -9,12 +11,28 @@ are never followed (a redirect from an upstream is answered to the client as the
 from __future__ import annotations
 
 import asyncio
+import math
+from typing import Any
 
 import aiohttp
+import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import UpstreamConfig
+from proxy.errors import (
+    GatewayError,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+from proxy.sse import SSEError
+
+JSONDict = dict[str, Any]
+
+#: The retry hint sent with an upstream 429/503 that gave none, in seconds.
+DEFAULT_RETRY_AFTER_S = 1.0
 
 #: aiohttp's response read buffer; reading pauses the socket at twice this (plus one socket read).
 READ_BUFFER_BYTES = 64 * 1024
@@ -132,6 +150,57 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError, RuntimeError):
             return False
 
+    async def send(self, method: str, path: str, body: bytes | None, headers: Headers, *,
+                   query_string: str = "", passthrough: bool = False,
+                   client_timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientResponse:
+        """Send one request and return the response once its headers arrived, whatever its
+        status: the one way a request goes upstream. Redirects are not followed.
+
+        Args:
+            method, path: the HTTP method and the path below ``/v1`` (``/chat/completions``).
+            body: the bytes to send, or ``None``.
+            headers: the client's headers (cleaned by ``request_headers``).
+            query_string: the raw query, percent-encoding kept.
+            passthrough: relay byte for byte: the client's ``Accept-Encoding`` goes upstream
+                and the body comes back still encoded.
+            client_timeout: per-request aiohttp timeouts; ``None`` uses the session's
+                (``sock_read = read_gap``). The caller bounds the wait for the first byte
+                (``asyncio.timeout``) where one deadline must span more than the headers.
+
+        The caller must release or close the response (``async with response``).
+
+        Raises:
+            UpstreamConnectionError: connect failure, or (``stale``) a pooled keep-alive
+                connection the upstream had already closed (502).
+            UpstreamTimeoutError: a timeout (504).
+        Cancelling is safe: aiohttp closes the half-sent connection.
+        """
+        try:
+            return await self.session.request(
+                method, self.url(path, query_string), data=body, allow_redirects=False,
+                headers=self.request_headers(headers, keep_encoding=passthrough),
+                auto_decompress=not passthrough,
+                timeout=client_timeout if client_timeout is not None else self.session.timeout)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise request_error(self, exc) from None
+
+    async def raise_for_status(self, response: aiohttp.ClientResponse) -> None:
+        """Read, release and raise an error response (status >= 300, redirects included);
+        return at once for a 2xx.
+
+        Raises:
+            GatewayError: ``upstream_status_error`` of the answer.
+        """
+        if response.status < 300:
+            return
+        try:
+            data = await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            data = b""
+        finally:
+            response.release()
+        raise upstream_status_error(self, response.status, data, response.headers.get("Retry-After"))
+
     def pool_stats(self) -> dict[str, int]:
         """Connections of the pool: ``in_use`` (checked out) and ``idle`` (kept alive)."""
         connector = self._connector
@@ -204,3 +273,89 @@ def response_headers(upstream_headers: Headers, *, keep_encoding: bool = False
         elif lname == "x-request-id":
             out["x-upstream-request-id"] = value
     return out
+
+
+def _error_object(message: str, error_type: str, param: object = None, code: object = None) -> JSONDict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def normalize_error_body(obj: object) -> JSONDict | None:
+    """Bring an upstream error object into OpenAI's nested shape, or ``None`` if it is none.
+
+    Accepts ``{"error": {...}}`` (filled in), ``{"error": "text"}``, and the old flat vLLM
+    shape ``{"object": "error", "message", "type", "param", "code"}``.
+    """
+    if not isinstance(obj, dict):
+        return None
+    error = obj.get("error")
+    if isinstance(error, dict):
+        return _error_object(str(error.get("message") or "upstream error"),
+                             str(error.get("type") or "upstream_error"),
+                             error.get("param"), error.get("code"))
+    if isinstance(error, str):
+        return _error_object(error, "upstream_error")
+    if obj.get("object") == "error":
+        return _error_object(str(obj.get("message") or "upstream error"),
+                             str(obj.get("type") or "upstream_error"),
+                             obj.get("param"), obj.get("code"))
+    return None
+
+
+def upstream_status_error(upstream: Upstream, status: int, body: bytes,
+                          retry_after: str | None) -> GatewayError:
+    """Map an upstream error response to the error the client gets.
+
+    4xx other than 401/403 and 5xx keep their status and (normalized) body; 401/403 mean the
+    gateway's own upstream credentials are wrong, so the client gets 502 rather than a hint
+    that its key failed; 3xx (redirects are not followed) is a 502. A body that is not JSON
+    is wrapped in the OpenAI shape with a short excerpt.
+    """
+    try:
+        parsed = normalize_error_body(orjson.loads(body)) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if status in (401, 403) or status < 400:
+        what = "redirected" if status < 400 else "rejected the gateway's credentials"
+        return UpstreamError(f"Upstream {upstream.name} {what} (HTTP {status}).",
+                             code=f"upstream_{status}")
+    if parsed is None:
+        excerpt = body[:200].decode("utf-8", "replace").strip()
+        parsed = _error_object(f"Upstream {upstream.name} answered HTTP {status}: {excerpt}",
+                               "upstream_error", None, f"upstream_{status}")
+    retry_after_s = _retry_after_s(retry_after)
+    if retry_after_s is None and status in (429, 503):
+        retry_after_s = DEFAULT_RETRY_AFTER_S  # DESIGN §4: 429 and 503 always carry a hint
+    return UpstreamStatusError(status, parsed, retry_after_s=retry_after_s)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header given in seconds; ``None`` when absent or an
+    HTTP date (RFC 9110 §10.2.3 allows both; upstreams of this API send seconds)."""
+    try:
+        seconds = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def map_client_error(upstream: Upstream, exc: BaseException) -> GatewayError:
+    """Turn an aiohttp / timeout / parse failure into the gateway error the client sees."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeoutError(f"Upstream {upstream.name} timed out.")
+    if isinstance(exc, SSEError):
+        return UpstreamError(f"Upstream {upstream.name} sent an unparsable stream: {exc}")
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        return UpstreamConnectionError(f"Upstream {upstream.name} closed the connection mid-response.")
+    return UpstreamConnectionError(f"Upstream {upstream.name} could not be reached ({type(exc).__name__}).")
+
+
+def request_error(upstream: Upstream, exc: BaseException) -> GatewayError:
+    """``map_client_error`` for a failure before any of the response arrived: there, a
+    server disconnect means a pooled keep-alive connection the upstream had already closed
+    (``stale``: the dispatcher redoes the attempt once on another connection)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamConnectionError(f"Upstream {upstream.name} closed a pooled connection.",
+                                       stale=True)
+    return map_client_error(upstream, exc)

@@ -135,10 +135,10 @@ async def test_cleanup_cancels_running_streams(start_gateway: StartGateway,
             session.post(gw.url + "/v1/chat/completions", json=body) as response:
         assert response.status == 200
         await response.content.readuntil(b"\n\n")
-        assert len(streams) == 1
+        assert streams.running == 1
         async with asyncio.timeout(TIMEOUT_S):
             await gw.runner.cleanup()
-    assert len(streams) == 0
+    assert streams.running == 0
     await wait_for_stat(mock_upstream, "open_streams", 0)
     assert (await mock_upstream.stats())["streams_cancelled"] == 1
 

@@ -33,7 +33,6 @@ from proxy.errors import (
 from proxy.relay import (
     CHAT,
     COMPLETIONS,
-    DEFAULT_RETRY_AFTER_S,
     EMBEDDINGS,
     RESPONSES,
     Dispatcher,
@@ -41,15 +40,17 @@ from proxy.relay import (
     Route,
     StreamJob,
     UnaryResult,
-    error_frame,
-    normalize_error_body,
     parse_inference,
     produce_stream,
     send_unary,
+)
+from proxy.streams import StreamLog, StreamState, error_frame
+from proxy.upstream import (
+    DEFAULT_RETRY_AFTER_S,
+    Upstream,
+    normalize_error_body,
     upstream_status_error,
 )
-from proxy.streams import StreamLog, StreamState
-from proxy.upstream import Upstream
 from scripts.mock_upstream import MockConfig, create_app
 from tests.conftest import MockUpstream, base_config, merge
 
@@ -1019,7 +1020,8 @@ async def test_cancelling_producer_before_first_byte_frees_slot(
 
 async def test_slow_reader_pauses_the_upstream_read(upstream: Upstream, dispatcher: Dispatcher) -> None:
     log = StreamLog("gs_test", "tester", buffer_bytes=400, retain_bytes=100)
-    log.readers = 1
+    reader = 1
+    log.add_cursor(reader, 0)
     job = make_job(CHAT_BODY, {"x-mock-tokens": "40", "x-mock-token-delay-ms": "2"}, log=log)
     task = asyncio.create_task(produce_stream(job, dispatcher))
     await until(lambda: log.backlogged, "producer backlogged")
@@ -1032,7 +1034,7 @@ async def test_slow_reader_pauses_the_upstream_read(upstream: Upstream, dispatch
     # A reader that catches up lets it run to the end; sent frames are trimmed as it goes.
     async with asyncio.timeout(TIMEOUT_S):
         while not log.closed or log.acked_seq < log.last_seq:
-            log.ack(log.last_seq)
+            log.ack(reader, log.last_seq)
             await log.wait(log.acked_seq)
     await asyncio.wait_for(task, TIMEOUT_S)
     assert log.state is StreamState.DONE

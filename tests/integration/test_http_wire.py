@@ -652,41 +652,65 @@ async def _upstream_released(gateway: RunningGateway) -> bool:
     return bool(mock["pool"]["in_use"] == 0 and mock["in_flight"] == 0)
 
 
-async def test_client_disconnect_mid_stream_cancels_upstream(
-    gateway: RunningGateway, mock_upstream: MockUpstream
+DETACH_TIMEOUT_S = 0.6
+
+
+async def _streams_active(gateway: RunningGateway) -> float:
+    async with aiohttp.ClientSession() as session, session.get(gateway.url + "/metrics") as resp:
+        text = await resp.text()
+    line = next(line for line in text.splitlines() if line.startswith("shepherd_streams_active "))
+    return float(line.split()[1])
+
+
+async def test_client_disconnect_detaches_then_cancels_upstream_at_detach_timeout(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
 ) -> None:
-    reader, writer = await _open_raw_stream(
-        gateway, [("x-mock-token-delay-ms", "50"), ("x-mock-tokens", "200")])
+    """A client that leaves mid-stream is noticed at once, even while the upstream is
+    silent; generation goes on for streams.detach_timeout, then the upstream is cancelled."""
+    gateway = await start_gateway(streams={"detach_timeout": f"{DETACH_TIMEOUT_S}s"})
+    reader, writer = await _open_raw_stream(gateway, [
+        ("x-mock-token-delay-ms", "20"), ("x-mock-tokens", "400"),
+        ("x-mock-silence-after", "2"), ("x-mock-silence-s", "0.4")])
     received = b""
     try:
         async with asyncio.timeout(5):
-            while received.count(b"data: ") < 3:
+            while received.count(b"data: ") < 2:
                 chunk = await reader.read(4096)
                 assert chunk, "stream ended early"
                 received += chunk
         assert received.startswith(b"HTTP/1.1 200")
-        stats = await mock_upstream.stats()
-        assert stats["open_streams"] == 1
+        assert b"\r\nx-stream-id: gs_" in received.lower()
         assert not await _upstream_released(gateway)
     finally:
         await _close(writer)
     closed_at = time.monotonic()
+
+    async def reader_gone() -> bool:
+        return await _streams_active(gateway) == 0
+
+    assert await eventually(reader_gone, 0.3)  # during the upstream's silence
+    await asyncio.sleep(DETACH_TIMEOUT_S / 2)
+    stats = await mock_upstream.stats()
+    assert stats["open_streams"] == 1 and stats["streams_cancelled"] == 0  # still generating
 
     async def upstream_cancelled() -> bool:
         stats = await mock_upstream.stats()
         return bool(stats["streams_cancelled"] == 1 and stats["open_streams"] == 0
                     and await _upstream_released(gateway))
 
-    assert await eventually(upstream_cancelled, 1.0), (
+    assert await eventually(upstream_cancelled, 2.0), (
         await mock_upstream.stats(), await readyz(gateway))
-    assert time.monotonic() - closed_at < 1.0
+    assert time.monotonic() - closed_at >= DETACH_TIMEOUT_S
     assert (await mock_upstream.stats())["streams_completed"] == 0
 
 
-async def test_client_disconnect_before_first_token_cancels_upstream(
-    gateway: RunningGateway, mock_upstream: MockUpstream
+async def test_client_disconnect_before_first_token_cancels_upstream_at_once(
+    start_gateway: StartGateway, mock_upstream: MockUpstream
 ) -> None:
-    _reader, writer = await _open_raw_stream(gateway, [("x-mock-ttft-ms", "2000")])
+    """Before the first event the client has no stream id, so nobody can re-attach: the
+    stream is cancelled at once instead of detaching."""
+    gateway = await start_gateway(streams={"detach_timeout": "30s"})
+    _reader, writer = await _open_raw_stream(gateway, [("x-mock-ttft-ms", "5000")])
     try:
         async def upstream_called() -> bool:
             return bool((await mock_upstream.stats())["requests"] == 1)
