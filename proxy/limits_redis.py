@@ -897,14 +897,6 @@ class RedisLimitStore:
               "m": block.slots if final else 0, "fin": int(final), "tb": 1}
         self._submit(op).add_done_callback(_consume)
 
-    async def ping(self) -> bool:
-        """Whether Redis answers now."""
-        try:
-            async with asyncio.timeout(max(self.timeout_s, 0.5)):
-                return bool(await self.redis.ping())
-        except (RedisError, OSError, TimeoutError):
-            return False
-
     async def close(self) -> None:
         now = asyncio.get_running_loop().time()
         for block in [*self._blocks.values(), *self._spares.values()]:
