@@ -51,6 +51,7 @@ from proxy.sse import KEEP_ALIVE
 from proxy.streams import (
     StreamNotFoundError,
     UnaryAnswer,
+    error_frame,
     parse_last_event_id,
     parse_seq,
     valid_stream_id,
@@ -238,19 +239,24 @@ async def write_stream(request: web.Request, answer: StreamAnswer) -> web.Stream
     gateway = request.app[GATEWAY]
     reader, ctx = answer.reader, request_context.get()
     gateway.metrics.streams_active.inc()
+    response = web.StreamResponse(headers={**_SSE_HEADERS, **answer.headers})
     try:
-        response = web.StreamResponse(headers={**_SSE_HEADERS, **answer.headers})
         await response.prepare(request)
         await _copy_frames(response, reader, gateway.settings.server.sse_keepalive_s)
-        return response
     except (asyncio.CancelledError, ConnectionResetError):
         gateway.metrics.client_disconnects.inc()
         if ctx is not None:
             ctx.client_closed = True
         raise
+    except GatewayError as exc:  # the log was lost under the reader (evicted, store down)
+        await response.write(error_frame(exc))
+        await response.write_eof()
     finally:
         gateway.metrics.streams_active.dec()
         reader.close()
+        if ctx is not None and answer.metering is not None:
+            ctx.usage = answer.metering.usage
+    return response
 
 
 async def _copy_frames(response: web.StreamResponse, reader: StreamCursor, keepalive_s: float) -> None:

@@ -42,6 +42,7 @@ from proxy.relay import (
     Dispatcher,
     Endpoint,
     InferenceRequest,
+    Metering,
     Route,
     StreamJob,
     UnaryResult,
@@ -176,10 +177,12 @@ class Call:
 class StreamAnswer:
     """A stream to write: ``reader`` yields encoded frames after its cursor (the adapter
     adds ``id: <stream_id>:<seq>``); ``headers`` go on the response (``X-Stream-Id``,
-    ``x-ratelimit-*``)."""
+    ``x-ratelimit-*``); ``metering`` is what the producer metered (for the access log),
+    ``None`` when this process does not run the producer."""
 
     reader: StreamCursor
     headers: dict[str, str]
+    metering: Metering | None = None
 
 
 Answer = UnaryAnswer | StreamAnswer
@@ -345,7 +348,9 @@ async def start_stream(gateway: Gateway, call: Call, request: InferenceRequest, 
         gateway.remote_streams.mirror(log, on_cancel=lambda: streams.cancel(log))
     if call.idempotency_key is not None:
         streams.remember_stream(call.principal.name, call.idempotency_key, call.body, log)
-    return await _first_event(reader, cancel_if_left=call.idempotency_key is None)
+    answer = await _first_event(reader, cancel_if_left=call.idempotency_key is None)
+    answer.metering = job.metering
+    return answer
 
 
 def _note_stream(stream_id: str) -> None:
