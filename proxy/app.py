@@ -30,6 +30,7 @@ from proxy.observability import Metrics, Sample, configure_logging, flush_logs_p
 from proxy.pipeline import Gateway
 from proxy.relay import Dispatcher
 from proxy.streams import StreamRegistry
+from proxy.streams_redis import RedisStreamStore
 from proxy.upstream import Upstream
 
 #: A supervisor that restarts more than MAX_RESTARTS workers within RESTART_WINDOW_S seconds
@@ -60,12 +61,16 @@ def create_app(settings: Settings) -> web.Application:
     dispatcher = Dispatcher(upstreams, balancer, admission, settings.routing.retry,
                             RetryBudget(settings.routing.retry.budget_percent,
                                         settings.routing.retry.budget_min), events=metrics)
+    streams = build_stream_registry(settings, metrics)
+    remote_streams = build_remote_streams(settings, metrics)
+    streams.remote = remote_streams
     gateway = Gateway(settings, KeyStore(settings.keys), balancer, upstreams,
                       build_limiter(settings, metrics), DemandBuilder(settings), admission,
-                      dispatcher, build_stream_registry(settings, metrics), metrics=metrics)
+                      dispatcher, streams, metrics=metrics, remote_streams=remote_streams)
     app[GATEWAY] = gateway
     metrics.watch(gateway_samples(gateway))
     app.cleanup_ctx.append(_limiter)
+    app.cleanup_ctx.append(_remote_streams)
     app.cleanup_ctx.append(_upstream_pools)
     app.cleanup_ctx.append(_health_probes)
     app.cleanup_ctx.append(_log_flusher)
@@ -83,6 +88,26 @@ def build_stream_registry(settings: Settings, metrics: Metrics) -> StreamRegistr
                               max_total_bytes=config.max_total_bytes)
     registry.on_detach_cancel = metrics.stream_detach_cancels.inc
     return registry
+
+
+#: The longest one Redis stream-log call may take: well under ``streams.producer_timeout``
+#: (a stalled mirror looks like a dead producer), well over ``state.redis_timeout`` (a limit
+#: check falls back after that; a mirror that fails stops for good).
+STREAM_STORE_TIMEOUT_S = 1.0
+
+
+def build_remote_streams(settings: Settings, metrics: Metrics) -> RedisStreamStore | None:
+    """With ``state.backend: redis``, the Redis Streams copy of every stream log, so any
+    instance can serve a resume; ``None`` with the memory backend. Connects lazily."""
+    state, config = settings.state, settings.streams
+    if state.backend != "redis":
+        return None
+    return RedisStreamStore(
+        state.redis_url.get_secret_value(), state.key_prefix,
+        timeout_s=min(STREAM_STORE_TIMEOUT_S, config.producer_timeout_s / 4),
+        producer_timeout_s=config.producer_timeout_s, detach_timeout_s=config.detach_timeout_s,
+        retention_s=config.retention_s, maxlen=config.redis_maxlen,
+        on_error=metrics.stream_store_errors.inc)
 
 
 def build_balancer(settings: Settings, admission: Admission) -> Balancer:
@@ -167,6 +192,15 @@ async def _limiter(app: web.Application) -> AsyncIterator[None]:
     refresher.cancel()
     await asyncio.gather(refresher, return_exceptions=True)
     await gateway.limiter.close()
+
+
+async def _remote_streams(app: web.Application) -> AsyncIterator[None]:
+    """Close the Redis stream store last (after the producers ended): its mirrors flush the
+    final state of every stream first."""
+    yield
+    remote = app[GATEWAY].remote_streams
+    if isinstance(remote, RedisStreamStore):
+        await remote.close()
 
 
 async def _upstream_pools(app: web.Application) -> AsyncIterator[None]:

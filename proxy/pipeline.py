@@ -56,6 +56,7 @@ from proxy.streams import (
     StreamReader,
     StreamRegistry,
     StreamState,
+    StreamTrimmedError,
     UnaryAnswer,
     check_cursor,
 )
@@ -105,7 +106,7 @@ class RemoteStreamSource(Protocol):
     """The cross-instance stream store as the pipeline uses it
     (``streams_redis.RedisStreamStore``)."""
 
-    def mirror(self, log: StreamLog, on_cancel: Callable[[], None]) -> None: ...
+    def mirror(self, log: StreamLog, on_cancel: Callable[[], None]) -> object: ...
 
     async def info(self, stream_id: str) -> RemoteStreamInfo | None: ...
 
@@ -408,7 +409,13 @@ async def resume(gateway: Gateway, principal: Principal, stream_id: str,
     log = gateway.streams.get(stream_id, principal.name)
     if log is None:
         return await _resume_remote(gateway, principal, stream_id, after_seq)
-    return await _attach_local(gateway, log, after_seq)
+    try:
+        return await _attach_local(gateway, log, after_seq)
+    except StreamTrimmedError:
+        if gateway.remote_streams is None:
+            raise
+        # Redis keeps up to streams.redis_maxlen events, more than the local log retains.
+        return await _resume_remote(gateway, principal, stream_id, after_seq)
 
 
 async def _attach_local(gateway: Gateway, log: StreamLog, after_seq: int) -> StreamAnswer | None:

@@ -40,7 +40,7 @@ from proxy.errors import (
     UpstreamTimeoutError,
 )
 from proxy.sse import DONE, SSEError, SSEParser, encode_event
-from proxy.streams import StreamLog, StreamState, error_frame
+from proxy.streams import StreamCancelledError, StreamLog, StreamState, error_frame
 from proxy.upstream import (
     DEFAULT_RETRY_AFTER_S,
     Headers,
@@ -437,15 +437,17 @@ async def produce_stream(job: StreamJob, dispatcher: Dispatcher) -> None:
 
     Every ending closes the log: normally with ``[DONE]`` (chat, completions) or after the
     upstream's last event (responses); on failure with an error event, or with
-    ``log.error`` set when nothing was sent yet. Cancelling is safe and is how a departed
-    client stops generation.
+    ``log.error`` set when nothing was sent yet. Cancelling is safe and is how generation
+    is stopped (``/cancel``, the detach timeout, shutdown): the log then ends with the
+    ``stream_cancelled`` error event.
     """
     log = job.log
     try:
         await dispatcher.run(job.route, functools.partial(_stream_attempt, job),
                              committed=lambda: log.last_seq > 0)
     except asyncio.CancelledError:
-        log.fail(UpstreamError("The stream was cancelled."), None)
+        cancelled = StreamCancelledError()
+        log.fail(cancelled, error_frame(cancelled))
         raise
     except GatewayError as error:
         log.fail(error, error_frame(error))

@@ -57,13 +57,13 @@ def new_stream_id() -> str:
     return "gs_" + secrets.token_hex(12)
 
 
-_STREAM_ID_RE = re.compile(r"^gs_[0-9a-f]{24}$")
-_SEQ_RE = re.compile(r"^(0|[1-9][0-9]{0,17})$")
+_STREAM_ID_RE = re.compile(r"gs_[0-9a-f]{24}")
+_SEQ_RE = re.compile(r"0|[1-9][0-9]{0,17}")
 
 
 def valid_stream_id(stream_id: str) -> bool:
     """Whether ``stream_id`` has the shape ``new_stream_id`` makes."""
-    return _STREAM_ID_RE.match(stream_id) is not None
+    return _STREAM_ID_RE.fullmatch(stream_id) is not None
 
 
 def parse_seq(text: str, what: str) -> int:
@@ -72,7 +72,7 @@ def parse_seq(text: str, what: str) -> int:
     Raises:
         InvalidRequestError: not a non-negative decimal integer (400).
     """
-    if _SEQ_RE.match(text) is None:
+    if _SEQ_RE.fullmatch(text) is None:
         raise InvalidRequestError(f"{what} must be a non-negative integer, not {text[:40]!r}.",
                                   param=what, code="invalid_cursor")
     return int(text)
@@ -126,6 +126,20 @@ class StreamInterruptedError(UpstreamError):
     ended; readers get this error event, never ``[DONE]`` (502 ``stream_interrupted``)."""
 
     default_code = "stream_interrupted"
+
+
+class StreamCancelledError(GatewayError):
+    """The stream's generation was stopped: ``POST /v1/streams/{id}/cancel``, or nobody
+    re-attached within ``streams.detach_timeout``. Readers get this error event (never
+    ``[DONE]``: the answer is incomplete); before the first event it is a 409."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    default_code = "stream_cancelled"
+
+    def __init__(self) -> None:
+        super().__init__("The stream was cancelled before it ended (a cancel request, or "
+                         "nobody re-attached within streams.detach_timeout).")
 
 
 def check_cursor(after_seq: int, first_seq: int, last_seq: int) -> None:
@@ -320,22 +334,33 @@ class StreamLog:
             self._followers.add(key)
 
     def remove_cursor(self, key: int) -> None:
-        """Detach a reader; frames it had not written stay unsent (and bounded)."""
+        """Detach a reader; frames it had not written stay unsent (and bounded). If it was
+        the slowest, the next slowest now sets the pace."""
         self._cursors.pop(key, None)
         self._followers.discard(key)
+        self._advance_acked()
 
     def ack(self, key: int, seq: int) -> None:
         """Reader ``key`` has written every frame up to ``seq``. When the slowest reader
         advanced: count its frames as sent, drop sent frames beyond ``retain_bytes``, and let
         a paused producer go on below half of ``buffer_bytes``."""
+        seq = min(seq, self.last_seq)
         if key in self._cursors:
             self._cursors[key] = seq
-        slowest = min(min(self._cursors.values(), default=seq), self.last_seq)
-        if slowest <= self.acked_seq:
-            return
+            self._advance_acked()
+        elif seq > self.acked_seq:
+            self._set_acked(seq)
+
+    def _advance_acked(self) -> None:
+        if self._cursors:
+            slowest = min(self._cursors.values())
+            if slowest > self.acked_seq:
+                self._set_acked(slowest)
+
+    def _set_acked(self, seq: int) -> None:
         offset = self.first_seq - 1
-        self.bytes_acked += sum(len(f) for f in self.frames[max(0, self.acked_seq - offset):slowest - offset])
-        self.acked_seq = slowest
+        self.bytes_acked += sum(len(f) for f in self.frames[max(0, self.acked_seq - offset):seq - offset])
+        self.acked_seq = seq
         self._trim()
         if self._drained is not None and self.unsent_bytes <= self.buffer_bytes // 2:
             self._release_producer()
@@ -576,11 +601,13 @@ class StreamRegistry:
 
     def _producer_ended(self, log: StreamLog) -> None:
         if not log.closed:  # cancelled before its first step: it never ran to close the log
-            log.fail(UpstreamError("The stream was cancelled."), None)
+            error = StreamCancelledError()
+            log.fail(error, error_frame(error))
         timer = self._detach_timers.pop(log.stream_id, None)
         if timer is not None:
             timer.cancel()
         if log.stream_id in self._logs:
+            log.finished_at = self._clock()  # retention runs on the registry's clock
             self._finished[log.stream_id] = log
 
     def get(self, stream_id: str, owner: str) -> StreamLog | None:
@@ -644,9 +671,15 @@ class StreamRegistry:
 
     async def _detach_expired_remote(self, log: StreamLog) -> None:
         assert self.remote is not None
-        if await self.remote.has_remote_readers(log.stream_id):
+        try:
+            elsewhere = await self.remote.has_remote_readers(log.stream_id)
+        except Exception:  # the store failed: nobody can be shown to read it
+            elsewhere = False
+        if log.stream_id in self._detach_timers or log.readers or log.closed:
+            return  # a reader came (and maybe went, arming a new timer) meanwhile
+        if elsewhere:
             self._arm_detach(log)  # a reader on another instance: look again later
-        elif not log.readers and not log.closed:
+        else:
             self._cancel_detached(log)
 
     def _cancel_detached(self, log: StreamLog) -> None:
@@ -725,7 +758,7 @@ class StreamRegistry:
         task = entry.answer
         assert task is not None
         self._tasks.discard(task)
-        if task.cancelled() or task.exception() is not None:
+        if task.cancelled() or task.exception() is not None or self._idempotent.get(entry.key) is not entry:
             self._forget_idempotent(entry.key, entry)
             return
         entry.size_bytes = len(task.result().body)
