@@ -476,8 +476,8 @@ async def resume_response(gateway: Gateway, principal: Principal, response_id: s
     stream_id = await remote.find_response(response_id) if remote is not None else None
     if stream_id is None:
         raise StreamNotFoundError()
-    # Another instance's log: events are logged one per upstream event, in order, and the
-    # Responses API numbers them from 0, so sequence_number N is seq N + 1.
+    # Another instance's log, as in _seq_after_sequence_number with the numbering the
+    # Responses API uses: from 0, so sequence_number N is seq N + 1.
     return await _resume_remote(gateway, principal, stream_id, starting_after + 1)
 
 
@@ -492,22 +492,16 @@ def sequence_number(frame: bytes) -> int | None:
 
 def _seq_after_sequence_number(log: StreamLog, starting_after: int) -> int:
     """The log seq after which the events with ``sequence_number > starting_after`` begin.
-    A number beyond every event held maps past the end (400 by the cursor rules once the
-    stream ended; a running stream waits for it). Frames already dropped → 409."""
-    seq = log.first_seq - 1
-    for frame in log.read(seq):
-        number = sequence_number(frame)
-        if number is not None and number > starting_after:
-            if seq == log.first_seq - 1 and number > starting_after + 1 and log.first_seq > 1:
-                return seq - 1  # the events it asks for were trimmed: check_cursor says 409
-            return seq
-        seq += 1
-    return seq if log.state is StreamState.RUNNING or starting_after <= _last_number(log) else seq + 1
 
-
-def _last_number(log: StreamLog) -> int:
-    numbers = [n for frame in log.read(log.first_seq - 1) if (n := sequence_number(frame)) is not None]
-    return max(numbers, default=-1)
+    The log holds one frame per upstream event, in order, and the Responses API numbers
+    events consecutively, so seq ``k`` carries number ``first + k - 1`` where ``first`` is
+    the number of the oldest frame held (0 when none is). Numbers older than the log holds
+    map below its first seq and numbers beyond its last above it, so the cursor rules
+    answer 409 and 400 (``check_cursor``)."""
+    first_number = sequence_number(log.frames[0]) if log.frames else None
+    if first_number is None:
+        return starting_after + 1
+    return log.first_seq - 1 + (starting_after + 1 - first_number)
 
 
 async def cancel_stream(gateway: Gateway, principal: Principal, stream_id: str) -> None:

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 
 from scripts.mock_upstream import expected_text
@@ -240,3 +241,24 @@ async def test_with_redis_down_streams_work_in_process(
     assert float(errors.group(1)) >= 1
 
 
+
+
+async def test_responses_retrieve_resumes_on_the_other_instance(
+        mock_upstream: MockUpstream, redis_server: RedisServer,
+        gateway_process: StartGatewayProcess) -> None:
+    """``client.responses.retrieve(id, stream=True, starting_after=N)`` on B serves the
+    Responses stream A produced, from the events after sequence_number N."""
+    a, b = await start_pair(gateway_process, shared_config(mock_upstream, redis_server))
+    headers = {"x-mock-tokens": "12", "x-mock-token-delay-ms": "20"}
+    async with openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=CLIENT_KEY, max_retries=0,
+                                  default_headers=headers) as on_a, \
+            openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=CLIENT_KEY, max_retries=0) as on_b:
+        original = [event async for event in await on_a.responses.create(
+            model="mock-gpt", input="hi", stream=True)]
+        response_id = original[0].response.id  # type: ignore[union-attr]
+        await asyncio.sleep(0.3)  # the mirror's final batch
+        resumed = [event async for event in await on_b.responses.retrieve(
+            response_id, stream=True, starting_after=4)]
+    assert [e.sequence_number for e in resumed] == [e.sequence_number for e in original[5:]]
+    assert [e.model_dump() for e in resumed] == [e.model_dump() for e in original[5:]]
+    assert resumed[-1].type == "response.completed"
