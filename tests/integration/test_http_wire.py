@@ -596,6 +596,22 @@ async def test_first_byte_timeout_is_504(start_gateway: StartGateway, stream: bo
         assert time.monotonic() - started < 1.0
 
 
+async def test_one_first_byte_deadline_spans_the_headers_and_the_first_event(
+        start_gateway: StartGateway) -> None:
+    """Headers after 0.35 s and the first event 0.35 s later: each wait is under
+    ``first_byte`` (0.5 s) but together they are over it, so the stream times out."""
+    gateway = await start_gateway(upstreams={"mock": {"timeouts": {"first_byte": "500ms"}}},
+                                  routing={"retry": {"attempts": 1}})
+    slow = {"x-mock-ttft-ms": "350", "x-mock-silence-after": "0", "x-mock-silence-s": "0.35"}
+    async with aiohttp.ClientSession(base_url=gateway.url, headers=AUTH) as session:
+        async with session.post("/v1/chat/completions", json=STREAM_CHAT, headers=slow) as resp:
+            await error_of(resp, 504)
+        fast_enough = {**slow, "x-mock-silence-s": "0.05"}
+        async with session.post("/v1/chat/completions", json=STREAM_CHAT, headers=fast_enough) as resp:
+            assert resp.status == 200
+            assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+
+
 # --------------------------------------------------------------------------- mid-stream errors
 
 
