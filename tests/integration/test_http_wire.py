@@ -751,6 +751,33 @@ async def test_client_disconnect_before_first_token_cancels_upstream_at_once(
     assert stats["streams_completed"] == 0
 
 
+async def test_models_and_passthrough_take_a_slot_through_admission(
+        start_gateway: StartGateway, mock_upstream: MockUpstream) -> None:
+    """With the only slot held and no queue, /v1/models/{id} and a passthrough path get the
+    same 503 an inference request gets, and nothing reaches the upstream; the model list
+    leaves the busy upstream out."""
+    gateway = await start_gateway(upstreams={"mock": {"max_in_flight": 1, "max_queue": 0}})
+    async with aiohttp.ClientSession(base_url=gateway.url, headers=AUTH) as session:
+        holder = asyncio.create_task(session.post("/v1/chat/completions", json=CHAT,
+                                                  headers={"x-mock-ttft-ms": "800"}))
+        assert await eventually(lambda: _in_flight_is(gateway, 1), 2.0)
+        for method, path in (("GET", "/v1/models/mock-gpt"), ("POST", "/v1/files"),
+                             ("POST", "/v1/chat/completions")):
+            async with session.request(method, path, json=CHAT) as resp:
+                body = await error_of(resp, 503)
+                assert body["code"] == "overloaded", (path, body)
+        async with session.get("/v1/models") as resp:
+            assert resp.status == 200
+            assert "mock-embed" not in {m["id"] for m in (await resp.json())["data"]}
+        async with await holder as resp:
+            assert resp.status == 200
+    assert (await mock_upstream.stats())["requests"] == 1
+
+
+async def _in_flight_is(gateway: RunningGateway, count: int) -> bool:
+    return bool((await readyz(gateway))["upstreams"]["mock"]["in_flight"] == count)
+
+
 # --------------------------------------------------------------------------- passthrough
 
 
