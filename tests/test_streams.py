@@ -675,7 +675,7 @@ async def test_the_slowest_reader_holds_back_the_producer_and_trimming(
     assert log.state is StreamState.DONE
 
 
-# Regression (fixed in this change): StreamLog.remove_cursor() does not recompute the slowest cursor. When the slowest
+# Regression: StreamLog.remove_cursor() does not recompute the slowest cursor. When the slowest
 # reader detaches while the producer is paused on it, unsent_bytes still counts from that
 # reader's position, so the producer stays paused although every attached reader has
 # written everything ("unsent: not yet written by the slowest *attached* reader"); nothing
@@ -943,7 +943,7 @@ async def test_a_local_reader_arriving_during_the_remote_check_keeps_the_stream(
     assert cancels == ["cancel"]
 
 
-# Regression (fixed in this change): StreamRegistry._detach_expired_remote() acts on a stale answer. If a reader attaches
+# Regression: StreamRegistry._detach_expired_remote() acts on a stale answer. If a reader attaches
 # and leaves again while has_remote_readers() is in flight, detach() arms a fresh
 # detach_timeout_s, but the old check's "no remote readers" then cancels the stream at once,
 # well before the new period ends ("generation goes on for detach_timeout_s").
@@ -966,7 +966,7 @@ async def test_a_reader_coming_and_going_during_the_remote_check_gets_a_full_tim
     assert cancels == ["cancel"]
 
 
-# Regression (fixed in this change): if RemoteStreams.has_remote_readers() raises (Redis unreachable), the check task
+# Regression: if RemoteStreams.has_remote_readers() raises (Redis unreachable), the check task
 # dies ("Task exception was never retrieved"), the detach timer is neither re-armed nor acted
 # on, and the detached stream keeps generating with nobody reading it until it ends by itself.
 async def test_a_failed_remote_check_does_not_leave_a_detached_stream_running(
@@ -1075,7 +1075,7 @@ async def test_running_logs_are_never_expired(make_registry: RegistryFactory) ->
     assert registry.get(log.stream_id, "alice") is log
 
 
-# Regression (fixed in this change): StreamLog._close() stamps finished_at with time.monotonic(), not the registry's
+# Regression: StreamLog._close() stamps finished_at with time.monotonic(), not the registry's
 # injected clock, while StreamRegistry._expire() compares it with that clock. With any clock
 # but time.monotonic itself, retention is wrong: logs live for ever or expire at once.
 async def test_retention_follows_the_injected_clock(make_registry: RegistryFactory) -> None:
@@ -1232,7 +1232,7 @@ def test_parse_seq_rejects_negatives_non_digits_and_huge(text: str) -> None:
     assert len(info.value.message) < 120  # the echo of a huge value is cut short
 
 
-# Regression (fixed in this change): _SEQ_RE and _STREAM_ID_RE end in ``$``, which also matches before a trailing
+# Regression: _SEQ_RE and _STREAM_ID_RE end in ``$``, which also matches before a trailing
 # newline, and are used with ``.match``: parse_seq("7\n") returns 7 and valid_stream_id()
 # accepts an id ending in "\n" (use ``fullmatch`` or ``\Z``).
 @pytest.mark.parametrize("check", ["parse_seq", "valid_stream_id"])
