@@ -149,6 +149,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 CLIENT = ROOT / "scripts" / "loadtest_client.py"
+RESUME_DRIVER = ROOT / "scripts" / "loadtest_resume.py"
 MOCK_SCRIPTS = {"aiohttp": ROOT / "scripts" / "mock_upstream.py",
                 "fast": ROOT / "scripts" / "mock_fast.py"}
 WRK_MISSING = ("note: wrk was not found on PATH, so the Python generator was used (more CPU per "
@@ -1485,12 +1486,14 @@ def scenario_spec(args: argparse.Namespace, port: int, start_at: float, *, mode:
             "start_at": start_at, "classify": classify or [], "timeline_s": timeline_s}
 
 
-def spawn_clients(fleet: Fleet, specs: list[dict[str, Any]],
-                  cpus: frozenset[int] | None) -> dict[Path, subprocess.Popen[bytes]]:
+def spawn_clients(fleet: Fleet, specs: list[dict[str, Any]], cpus: frozenset[int] | None,
+                  script: Path = CLIENT) -> dict[Path, subprocess.Popen[bytes]]:
+    """One ``script`` process per spec (``loadtest_client.py`` unless told), output files
+    ``loadgen-<i>.json``, logs in ``loadgen.log``."""
     clients = {}
     for i, spec in enumerate(specs):
         out = fleet.log_dir / f"loadgen-{i}.json"
-        clients[out] = fleet.spawn("loadgen", [PYTHON, str(CLIENT), orjson.dumps(spec).decode()],
+        clients[out] = fleet.spawn("loadgen", [PYTHON, str(script), orjson.dumps(spec).decode()],
                                    cpus, out)
     return clients
 
@@ -1922,6 +1925,521 @@ def failover_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     scenario_json(args, doc)
 
 
+# -- resume
+
+
+#: Detached streams stay until the scenario cancels them (it measures them in between).
+RESUME_STREAMS_CONFIG = {"detach_timeout": "120s"}
+RESUME_KEY_PREFIX = "shepherd-resume:"  # shared by the Redis gateways: one set of stream logs
+RESUME_MAX_CONNECTIONS = 2048  # upstream connections per gateway: a detached stream holds one
+DETACHED_TOKEN_DELAY_MS = 1000  # detached streams barely grow while RSS is measured
+DETACH_CONCURRENCY = 128  # detached streams being opened at once
+RESUME_P99_TARGET_MS = 50.0
+THROUGHPUT_TARGET_RATIO = 0.8
+RESUME_COUNTERS = ("shepherd_stream_resumes_total", "shepherd_stream_store_errors_total",
+                   "shepherd_client_disconnects_total", "shepherd_stream_detach_cancels_total",
+                   "shepherd_streams_started_total")
+STREAM_PHASE = PHASES[1]
+
+
+@dataclass(frozen=True)
+class ResumeRun:
+    """The processes of ``--scenario resume``: the services, the gateways by name
+    (``redis-a`` and ``redis-b`` sharing Redis, then ``memory``; or ``memory`` alone) and
+    the CPUs of the load side (None: nothing pinned)."""
+
+    services: Services
+    gateways: dict[str, Target]
+    load_side: frozenset[int] | None
+
+    @property
+    def resumers(self) -> list[Target]:
+        """The instances streams start and resume on: the Redis pair, else ``memory``."""
+        return [t for t in self.gateways.values() if t.name != "memory"] or [
+            self.gateways["memory"]]
+
+
+def resume_gateway_config(name: str, state: str, services: Services, directory: Path) -> Path:
+    """A gateway of the resume scenario: the mock upstream (room for every detached stream),
+    the load key without limits, ``RESUME_STREAMS_CONFIG``; with ``state`` redis, the
+    stream logs every Redis gateway of the run shares."""
+    backend: dict[str, Any] = {"backend": state}
+    if state == "redis":
+        backend |= {"redis_url": f"redis://127.0.0.1:{services.redis_port}/0",
+                    "key_prefix": RESUME_KEY_PREFIX}
+    config = {"server": {"host": "127.0.0.1", "port": 8080, "access_log": False},
+              "state": backend, "streams": RESUME_STREAMS_CONFIG,
+              "upstreams": {"mock": mock_upstream(services.mock_port,
+                                                  max_connections=RESUME_MAX_CONNECTIONS)},
+              "keys": {"load": {"key": GATEWAY_KEY, "models": ["*"]}}}
+    path = directory / f"resume-{name}.yaml"
+    path.write_bytes(orjson.dumps(config))  # JSON is YAML
+    return path
+
+
+def spawn_resume_gateway(fleet: Fleet, name: str, state: str, services: Services,
+                         where: Placement | None) -> Target:
+    config = resume_gateway_config(name, state, services, fleet.log_dir)
+    port = free_port()
+    proc = fleet.spawn(name, [PYTHON, "-m", "proxy", "serve", "--config", str(config),
+                              "--host", "127.0.0.1", "--port", str(port)], None)
+    return Target(name, "gateway", port, GATEWAY_KEY, proc, GatewaySpec(state, limits=False),
+                  where)
+
+
+def start_resume(args: argparse.Namespace, fleet: Fleet) -> ResumeRun:
+    """The mock, redis-server (``--state redis``) and the gateways; wait until all answer,
+    then pin the gateways to the first CPU and everything else to the others."""
+    mock_port = free_port()
+    mock = spawn_mock(args, fleet, "mock", mock_port, None)
+    services = Services(mock.pid, mock_port)
+    states = {"memory": "memory"}
+    if args.state == "redis":
+        redis, redis_port = start_redis(fleet)
+        services = Services(mock.pid, mock_port, redis.pid, redis_port)
+        states = {"redis-a": "redis", "redis-b": "redis", "memory": "memory"}
+    where = scenario_placement(args)
+    gateways = {name: spawn_resume_gateway(fleet, name, state, services, where)
+                for name, state in states.items()}
+    wait_ready("mock", mock, mock_port, "/v1/models", fleet.log_dir)
+    for target in gateways.values():
+        assert target.proc is not None
+        wait_ready(target.name, target.proc, target.port, "/healthz", fleet.log_dir)
+    pids = [t.proc.pid for t in gateways.values() if t.proc is not None]
+    if where is not None:
+        for pid in pids[1:]:
+            pin_tree(pid, where[0])
+    load_side = place(where, pids[0], list(services.side_pids().values()))
+    return ResumeRun(services, gateways, load_side)
+
+
+def driver_spec(args: argparse.Namespace, mode: str, ports: list[int], *, deadline_s: float,
+                token_delay_ms: float | None = None, **extra: Any) -> dict[str, Any]:
+    """A spec for ``scripts/loadtest_resume.py``: streamed chat completions of
+    ``--stream-tokens`` tokens, ``token_delay_ms`` apart (default ``--stream-token-delay-ms``)."""
+    tokens = args.stream_tokens
+    delay_ms = args.stream_token_delay_ms if token_delay_ms is None else token_delay_ms
+    return {"mode": mode, "host": "127.0.0.1", "ports": ports, "api_key": GATEWAY_KEY,
+            "body": {"model": args.model, "max_tokens": tokens, "stream": True,
+                     "messages": [{"role": "user", "content": "Say hello."}]},
+            "headers": {"x-mock-tokens": str(tokens), "x-mock-token-delay-ms": f"{delay_ms:g}"},
+            "tokens": tokens, "concurrency": args.concurrency, "seed": args.seed,
+            "timeout_s": args.timeout, "deadline_s": deadline_s, **extra}
+
+
+def cut_deadline_s(args: argparse.Namespace) -> float:
+    """A bound for the cut phase: twice the streams' own time, run ``--concurrency`` at a
+    time, plus ``--timeout`` for a straggler (at most 120 s)."""
+    stream_s = args.stream_tokens * args.stream_token_delay_ms / 1000 + 0.5
+    return min(120.0, 2 * math.ceil(args.streams / args.concurrency) * stream_s + args.timeout)
+
+
+def run_driver(args: argparse.Namespace, fleet: Fleet, spec: dict[str, Any],
+               run: ResumeRun, shown: Progress, label: str) -> dict[str, Any]:
+    """Run one ``loadtest_resume.py`` process on the load side; return its output."""
+    start_at = time.time() + 0.2
+    clients = spawn_clients(fleet, [spec | {"start_at": start_at}], run.load_side, RESUME_DRIVER)
+    [output] = await_clients(clients, label, start_at, args, shown, spec["deadline_s"])
+    shown.finish(label, f"{output['elapsed_s']:.1f} s")
+    return output
+
+
+def parse_commandstats(text: str) -> dict[str, int]:
+    """Calls per command of an ``INFO commandstats`` answer, without INFO itself (the
+    scenario's own calls). Commands run by Lua scripts are counted too (Redis 7)."""
+    calls = {}
+    for line in text.splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, stats = line.removeprefix("cmdstat_").partition(":")
+            calls[name] = int(stats.split(",", 1)[0].removeprefix("calls="))
+    calls.pop("info", None)
+    return calls
+
+
+def redis_calls(port: int | None) -> dict[str, int]:
+    """``parse_commandstats`` of the redis-server on ``port`` ({} for None)."""
+    if port is None:
+        return {}
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(b"INFO commandstats\r\n")
+        head, _, data = sock.recv(65536).partition(b"\r\n")
+        size = int(head[1:])  # a RESP bulk string: $<size>\r\n<data>\r\n
+        while len(data) < size + 2 and (chunk := sock.recv(65536)):
+            data += chunk
+    return parse_commandstats(data[:size].decode())
+
+
+def redis_commands(before: dict[str, int], after: dict[str, int], tokens: int,
+               events: int) -> dict[str, Any] | None:
+    """Redis commands between two ``redis_calls`` per streamed token and per event (None
+    without Redis or tokens)."""
+    if not after or not tokens:
+        return None
+    delta = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    total = sum(delta.values())
+    return {"tokens": tokens, "events": events, "commands": total,
+            "per_token": total / tokens, "per_event": total / events if events else None,
+            "evalsha_per_token": delta.get("evalsha", 0) / tokens,
+            "by_command": dict(sorted(delta.items(), key=lambda kv: -kv[1]))}
+
+
+def counters(targets: Sequence[Target]) -> dict[str, dict[str, float]]:
+    return {t.name: metric_samples(t.port, RESUME_COUNTERS) for t in targets}
+
+
+def counter_deltas(before: dict[str, dict[str, float]],
+                   after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per gateway, the samples of ``RESUME_COUNTERS`` that changed between two reads."""
+    return {name: {k: v - before.get(name, {}).get(k, 0.0) for k, v in samples.items()
+                   if v != before.get(name, {}).get(k, 0.0)}
+            for name, samples in after.items()}
+
+
+def group_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Streams, intact ones, resumes from the start (cut in the first event), latency."""
+    intact = sum(not r["problems"] for r in records)
+    latencies = [r["resume_latency_ms"] for r in records
+                 if r.get("resume_latency_ms") is not None]
+    return {"streams": len(records), "intact": intact,
+            "intact_pct": 100 * intact / len(records) if records else 0.0,
+            "from_start": sum(r.get("held_events") == 0 for r in records),
+            "latency_ms": percentiles(latencies)}
+
+
+def cut_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``group_summary`` of the streams resumed on the same instance, on the other one, all."""
+    groups = {"same": [r for r in records if r["where"] == "same"],
+              "other": [r for r in records if r["where"] == "other"], "all": records}
+    return {name: group_summary(rs) for name, rs in groups.items() if rs}
+
+
+def resume_cuts(args: argparse.Namespace, fleet: Fleet, run: ResumeRun,
+                shown: Progress) -> dict[str, Any]:
+    """``--streams`` streams cut once and resumed (``loadtest_resume.py`` mode ``cut``);
+    Redis commands and gateway counters around it."""
+    ports = [t.port for t in run.resumers]
+    spec = driver_spec(args, "cut", ports * (2 // len(ports)), streams=args.streams,
+                       deadline_s=cut_deadline_s(args))
+    calls0, counts0 = redis_calls(run.services.redis_port), counters(run.resumers)
+    output = run_driver(args, fleet, spec, run, shown, "resume: cut + resume")
+    calls1, counts1 = redis_calls(run.services.redis_port), counters(run.resumers)
+    records = output["records"]
+    names = {t.port: t.name for t in run.resumers}
+    for record in records:
+        record["origin"] = names.get(record.get("origin"), record.get("origin"))
+        record["resume_port"] = names.get(record.get("resume_port"), record.get("resume_port"))
+    events = args.streams * output["reference"]["events"]
+    return {"reference": output["reference"], "summary": cut_summary(records),
+            "failures": [r for r in records if r["problems"]], "records": records,
+            "redis": redis_commands(calls0, calls1, args.streams * args.stream_tokens, events),
+            "metrics": counter_deltas(counts0, counts1), "elapsed_s": output["elapsed_s"]}
+
+
+def rss_kib(pid: int) -> int:
+    """Sum over ``pid``'s tree of ``VmRSS`` (resident set now), in KiB."""
+    total = 0
+    for each in process_tree(pid):
+        try:
+            status = Path(f"/proc/{each}/status").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in status.splitlines()
+                     if line.startswith("VmRSS:"))
+    return total
+
+
+def counter_sum(port: int, name: str) -> float:
+    return sum(metric_samples(port, [name]).values())
+
+
+def upstream_in_flight(port: int) -> int | None:
+    """Requests the gateway has in flight upstream (``/readyz``), or None if unanswered."""
+    doc = readyz(port)
+    if doc is None:
+        return None
+    return sum(int(u.get("in_flight", 0)) for u in doc.get("upstreams", {}).values())
+
+
+def wait_until(done: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll ``done`` until it is true (True) or ``timeout_s`` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
+    return True
+
+
+def detached_rss(args: argparse.Namespace, fleet: Fleet, run: ResumeRun, target: Target,
+                 shown: Progress) -> dict[str, Any]:
+    """RSS of ``target`` before and with ``--detached`` streams dropped after their first
+    event (slow: a token per ``DETACHED_TOKEN_DELAY_MS``), then after cancelling them."""
+    assert target.proc is not None
+    pid, port, wanted = target.proc.pid, target.port, args.detached
+    time.sleep(0.5)
+    before_kib, gone0 = rss_kib(pid), counter_sum(port, "shepherd_client_disconnects_total")
+    spec = driver_spec(args, "detach", [port], streams=wanted, concurrency=DETACH_CONCURRENCY,
+                       token_delay_ms=DETACHED_TOKEN_DELAY_MS, deadline_s=args.timeout + 10)
+    opened = run_driver(args, fleet, spec, run, shown, f"{target.name}: {wanted} detached")
+    ids = opened["stream_ids"]
+
+    def seen() -> float:
+        return counter_sum(port, "shepherd_client_disconnects_total") - gone0
+
+    wait_until(lambda: seen() >= len(ids), 5.0)
+    time.sleep(0.5)
+    detached_kib, in_flight, disconnects = rss_kib(pid), upstream_in_flight(port), seen()
+    spec = driver_spec(args, "cancel", [port], stream_ids=ids, deadline_s=args.timeout + 10)
+    cancelled = run_driver(args, fleet, spec, run, shown, f"{target.name}: cancel them")
+    drained = wait_until(lambda: upstream_in_flight(port) == 0, 5.0)
+    return {"opened": len(ids), "failed": opened["failed"], "failures": opened["failures"],
+            "disconnects_seen": disconnects, "upstream_in_flight": in_flight,
+            "rss_before_kib": before_kib, "rss_detached_kib": detached_kib,
+            "per_stream_kib": (detached_kib - before_kib) / len(ids) if ids else None,
+            "cancel_statuses": cancelled["statuses"], "drained": drained,
+            "rss_after_cancel_kib": rss_kib(pid)}
+
+
+def throughput_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median streams/s of the rounds, their spread, errors, CPU and Redis per stream."""
+    errors: Counter[str] = Counter()
+    for r in rounds:
+        errors.update(r["errors"])
+    costs = [r["redis"]["per_token"] for r in rounds if r.get("redis")]
+    cpu = [r["cpu_us_per_request"] for r in rounds if r.get("cpu_us_per_request") is not None]
+    return {"rps": statistics.median(r["rps"] for r in rounds),
+            "min": min(r["rps"] for r in rounds), "max": max(r["rps"] for r in rounds),
+            "errors": dict(errors), "cpu_us_per_stream": statistics.median(cpu) if cpu else None,
+            "redis_commands_per_token": statistics.median(costs) if costs else None,
+            "ttft_ms": rounds[-1]["ttft_ms"], "latency_ms": rounds[-1]["latency_ms"]}
+
+
+def stream_throughput(args: argparse.Namespace, fleet: Fleet, run: ResumeRun,
+                      shown: Progress) -> dict[str, Any]:
+    """``--rounds`` rounds of the default run's stream phase (``--tokens`` tokens,
+    ``--concurrency`` connections, ``--duration`` s) against ``memory`` and, with Redis,
+    ``redis-a``, interleaved; medians and the ratio redis-a / memory."""
+    targets = [t for name, t in run.gateways.items() if name in ("memory", "redis-a")]
+    rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+    for _ in range(args.rounds):
+        for target in targets:
+            redis = target.gateway is not None and target.gateway.state == "redis"
+            calls0 = redis_calls(run.services.redis_port) if redis else {}
+            result = run_phase(target, STREAM_PHASE, args, fleet, run.services, shown)
+            if redis:
+                streams = result["issued"]
+                result["redis"] = redis_commands(calls0, redis_calls(run.services.redis_port),
+                                             streams * args.tokens, streams * (args.tokens + 2))
+            rounds[target.name].append(result)
+    summary = {name: throughput_summary(rs) for name, rs in rounds.items()}
+    ratio = (summary["redis-a"]["rps"] / summary["memory"]["rps"]
+             if "redis-a" in summary and summary["memory"]["rps"] else None)
+    return {"targets": summary, "ratio": ratio, "rounds": rounds}
+
+
+def log_problems(log_dir: Path, names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Warning and error lines of each gateway's log, counted by message."""
+    out: dict[str, dict[str, int]] = {}
+    for name in names:
+        seen: Counter[str] = Counter()
+        for line in (log_dir / f"{name}.log").read_text(errors="replace").splitlines():
+            if '"level":"warning"' in line or '"level":"error"' in line or "Traceback" in line:
+                try:
+                    seen[str(orjson.loads(line).get("msg"))] += 1
+                except orjson.JSONDecodeError:
+                    seen[line[:120]] += 1
+        out[name] = dict(seen)
+    return out
+
+
+def run_resume(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
+    """Cut and resume ``--streams`` streams, ``--detached`` streams left detached, then the
+    streaming throughput of memory and Redis stream logs (see ``--help``)."""
+    run = start_resume(args, fleet)
+    rss_targets = [run.resumers[0]] + ([run.gateways["memory"]] if args.state == "redis" else [])
+    throughput_targets = 2 if args.state == "redis" else 1
+    shown = Progress(1 + 2 * len(rss_targets) * (args.detached > 0)
+                     + args.rounds * throughput_targets)
+    doc: dict[str, Any] = {"scenario": "resume", "state": args.state,
+                           "gateways": {n: t.port for n, t in run.gateways.items()}}
+    doc["cuts"] = resume_cuts(args, fleet, run, shown)
+    doc["detached"] = {t.name: detached_rss(args, fleet, run, t, shown)
+                       for t in rss_targets if args.detached > 0}
+    doc["throughput"] = stream_throughput(args, fleet, run, shown)
+    shown.clear()
+    doc["gateway_logs"] = log_problems(fleet.log_dir, list(run.gateways))
+    doc["gateway_config"] = orjson.loads((fleet.log_dir / f"resume-{run.resumers[0].name}.yaml")
+                                         .read_bytes())
+    return doc
+
+
+def resume_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    for line in resume_header(args, doc):
+        print(line)
+    cuts = doc["cuts"]
+    print(render(["same instance", "other instance", "all"], cut_rows(cuts["summary"])),
+          end="\n\n")
+    for line in [*failure_lines(cuts), *redis_lines(cuts), *counter_lines(cuts["metrics"])]:
+        print(line)
+    if doc["detached"]:
+        print(f"\n{args.detached} streams detached: each dropped after its first event (mock: a "
+              f"token every {DETACHED_TOKEN_DELAY_MS} ms), then cancelled "
+              "(POST /v1/streams/{id}/cancel)")
+        print(render(list(doc["detached"]), rss_rows(doc["detached"])))
+    tp = doc["throughput"]
+    print(f"\nstreaming throughput: {args.tokens} tokens per stream, {args.concurrency} "
+          f"connections, {args.duration:g} s ({args.warmup:g} s warm-up), median of "
+          f"{args.rounds} interleaved round(s)")
+    print(render(list(tp["targets"]), throughput_rows(tp["targets"])), end="\n\n")
+    for line in resume_verdicts(doc):
+        print(line)
+    scenario_json(args, doc)
+
+
+def resume_header(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
+    where = scenario_placement(args)
+    placed = ("nothing pinned" if where is None else
+              f"gateways on CPU {fmt_cpus(where[0])}, mock + redis-server + client on CPU "
+              f"{fmt_cpus(where[1])}")
+    names = [t for t in doc["gateways"] if t != "memory"] or ["memory"]
+    state = (f"state redis: {' and '.join(names)} share one redis-server (stream logs in Redis "
+             "Streams); memory: a memory-backend gateway for the throughput comparison"
+             if doc["state"] == "redis" else "state memory: one gateway, resumed on itself")
+    ref = doc["cuts"]["reference"]
+    return [f"Shepherd resume - 127.0.0.1, Python {platform.python_version()}, "
+            f"{len(ALL_CPUS)} CPUs; {placed}",
+            f"{state}; streams.detach_timeout {RESUME_STREAMS_CONFIG['detach_timeout']}",
+            f"{args.streams} streams of {args.stream_tokens} tokens ({ref['events']} events, "
+            f"{ref['body_bytes']:,} bytes), {args.stream_token_delay_ms:g} ms apart, "
+            f"{args.concurrency} at once; each cut once at a random byte (seed {args.seed}) "
+            "by dropping the connection, resumed with GET /v1/streams/{id} + Last-Event-ID "
+            "on the same instance (half) or the other one (half); latency: before the "
+            "reconnect's connect to the first body byte", ""]
+
+
+def cut_rows(summary: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    cols = [summary.get(k) for k in ("same", "other", "all")]
+
+    def cells(fmt: Callable[[dict[str, Any]], str]) -> list[str]:
+        return ["-" if c is None else fmt(c) for c in cols]
+
+    return [
+        ("streams cut and resumed", cells(lambda c: f"{c['streams']:,}")),
+        ("intact, byte-identical", cells(lambda c: f"{c['intact']:,} ({c['intact_pct']:.1f} %)")),
+        ("  resumed from the start", cells(lambda c: f"{c['from_start']:,}")),
+        ("resume latency p50 / p99 ms", cells(lambda c: fmt_ms(c["latency_ms"]))),
+        ("  p99.9 / max ms", cells(lambda c: "-" if not c["latency_ms"] else
+                                   f"{c['latency_ms']['p99.9']:.1f} / {c['latency_ms']['max']:.1f}")),
+    ]
+
+
+def failure_lines(cuts: dict[str, Any], shown: int = 5) -> list[str]:
+    """The first ``shown`` streams that were not intact, each with what it held at the cut."""
+    failures = cuts["failures"]
+    if not failures:
+        return []
+    head = f"NOT INTACT: {len(failures)} stream(s); the first {min(shown, len(failures))}:"
+    lines = [head, *(failure_line(r) for r in failures[:shown])]
+    return [*lines, "  (every record is in --json; the same cuts again: the same --seed and "
+            "--streams)", ""]
+
+
+def failure_line(r: dict[str, Any]) -> str:
+    return (f"  #{r['index']} {r.get('stream_id', '?')} started on {r.get('origin')}, resumed on "
+            f"{r.get('resume_port')} ({r['where']}); cut at byte {r['cut_at']:,}, held "
+            f"{r.get('held_events', '?')} events, Last-Event-ID {r.get('last_event_id')}, resume "
+            f"HTTP {r.get('resume_status')}: " + "; ".join(r["problems"]))
+
+
+def redis_lines(cuts: dict[str, Any]) -> list[str]:
+    cost = cuts["redis"]
+    if cost is None:
+        return ["Redis: not used (state memory)"]
+    top = ", ".join(f"{k} {v / cost['tokens']:.2f}" for k, v in list(cost["by_command"].items())[:8])
+    return [f"Redis during the cut phase (INFO commandstats; commands run by Lua scripts "
+            f"included): {cost['commands']:,} commands for {cost['tokens']:,} tokens "
+            f"({cost['events']:,} events): {cost['per_token']:.2f} per token "
+            f"({cost['per_event']:.2f} per event), EVALSHA {cost['evalsha_per_token']:.2f} "
+            f"per token", f"  per token by command: {top}"]
+
+
+def counter_lines(metrics: dict[str, dict[str, float]]) -> list[str]:
+    lines = []
+    for name, samples in metrics.items():
+        shown = ", ".join(f"{k.removeprefix('shepherd_')} +{v:,.0f}"
+                          for k, v in sorted(samples.items()))
+        lines.append(f"{name} /metrics during the cut phase: {shown or 'no change'}")
+    return [*lines, "  (stream_resumes count the full replays fetched for the check too)"]
+
+
+def rss_rows(detached: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    cols = list(detached.values())
+
+    def mib(kib: int) -> str:
+        return f"{kib / 1024:,.1f}"
+
+    return [
+        ("detached (dropped / seen)", [f"{c['opened']:,} / {c['disconnects_seen']:,.0f}"
+                                       for c in cols]),
+        ("  upstream in flight", [str(c["upstream_in_flight"]) for c in cols]),
+        ("RSS before MiB", [mib(c["rss_before_kib"]) for c in cols]),
+        ("RSS with them detached MiB", [mib(c["rss_detached_kib"]) for c in cols]),
+        ("RSS per detached stream KiB", ["-" if c["per_stream_kib"] is None else
+                                         f"{c['per_stream_kib']:.1f}" for c in cols]),
+        ("RSS after cancel MiB", [mib(c["rss_after_cancel_kib"]) for c in cols]),
+        ("  cancel answers / drained", [", ".join(f"{k} x{v}" for k, v in
+                                                 c["cancel_statuses"].items())
+                                        + (" / yes" if c["drained"] else " / NO")
+                                        for c in cols]),
+    ]
+
+
+def throughput_rows(targets: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    cols = list(targets.values())
+
+    def opt(value: float | None, fmt: str) -> str:
+        return "-" if value is None else fmt.format(value)
+
+    return [
+        ("streams/s", [f"{c['rps']:,.0f}" for c in cols]),
+        ("  min-max", [f"{c['min']:,.0f}-{c['max']:,.0f}" for c in cols]),
+        ("TTFT p50 / p99 ms (last round)", [fmt_ms(c["ttft_ms"]) for c in cols]),
+        ("gateway CPU us / stream", [opt(c["cpu_us_per_stream"], "{:,.0f}") for c in cols]),
+        ("Redis commands / token", [opt(c["redis_commands_per_token"], "{:.2f}") for c in cols]),
+        ("errors", [str(sum(c["errors"].values())) for c in cols]),
+    ]
+
+
+def resume_verdicts(doc: dict[str, Any]) -> list[str]:
+    """PASS/FAIL against the targets, then anything the gateways complained about."""
+    summary, tp = doc["cuts"]["summary"], doc["throughput"]
+    every = summary["all"]
+    parts = ", ".join(f"{k} {summary[k]['intact']}/{summary[k]['streams']}"
+                      for k in ("same", "other") if k in summary)
+    lines = [f"intact: {every['intact']}/{every['streams']} ({every['intact_pct']:.1f} %; "
+             f"{parts}): {'PASS' if every['intact'] == every['streams'] else 'FAIL'} "
+             "(target 100 %)"]
+    for k in ("same", "other"):
+        p99 = (summary.get(k) or {}).get("latency_ms")
+        if p99:
+            ok = p99["p99"] < RESUME_P99_TARGET_MS
+            lines.append(f"resume latency p99 ({k} instance): {p99['p99']:.1f} ms: "
+                         f"{'PASS' if ok else 'FAIL'} (target < {RESUME_P99_TARGET_MS:g} ms)")
+    if tp["ratio"] is not None:
+        ok = tp["ratio"] >= THROUGHPUT_TARGET_RATIO
+        lines.append(f"streaming throughput redis-a / memory: {tp['ratio']:.2f}x: "
+                     f"{'PASS' if ok else 'FAIL'} (target >= {THROUGHPUT_TARGET_RATIO:g}x)")
+    else:
+        lines.append("streaming throughput redis / memory: not measured (--state memory)")
+    if not doc["cuts"]["reference"]["text_ok"]:
+        lines.append("WARNING: the uncut reference stream's text is not expected_text()")
+    for name, seen in doc["gateway_logs"].items():
+        if seen:
+            lines.append(f"{name} log warnings/errors: "
+                         + ", ".join(f"{m} x{n}" for m, n in sorted(seen.items())))
+    return lines
+
+
 def wait_quiet(max_wait_s: float) -> float:
     """Wait at most ``max_wait_s`` for a second during which other processes used at most
     ``NOISY_PCT`` % of a CPU; returns the last such figure (before anything is started)."""
@@ -1937,6 +2455,13 @@ def wait_quiet(max_wait_s: float) -> float:
               f"(at most {deadline - time.monotonic():.0f} s more)", file=sys.stderr)
 
 
+#: ``--scenario`` name -> (run it, print its report).
+SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace, Fleet], dict[str, Any]],
+                           Callable[[argparse.Namespace, dict[str, Any]], None]]] = {
+    "overload": (run_overload, overload_report), "failover": (run_failover, failover_report),
+    "resume": (run_resume, resume_report)}
+
+
 def run_scenario(args: argparse.Namespace) -> int:
     """``--scenario``: run it with every subprocess stopped at the end; print the report."""
     if not gateway_runnable():
@@ -1948,13 +2473,13 @@ def run_scenario(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="shepherd-load-") as tmp, \
             fleet_in(Path(tmp)) as fleet:
         try:
-            doc = (run_overload if args.scenario == "overload" else run_failover)(args, fleet)
+            doc = SCENARIOS[args.scenario][0](args, fleet)
         except RuntimeError as exc:
             print(f"\nload test failed: {exc}", file=sys.stderr)
             return 1
         finally:
             os.sched_setaffinity(0, ALL_CPUS)
-    (overload_report if args.scenario == "overload" else failover_report)(args, doc)
+    SCENARIOS[args.scenario][1](args, doc)
     return 0
 
 
@@ -2017,8 +2542,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--compare, else aiohttp")
     add("--mock-script", help="the mock upstream to start, instead of the --mock-engine's "
         "(takes --port/--ttft-ms/--token-delay-ms/--tokens)")
-    add("--state", choices=("memory", "redis"), default="memory",
-        help="the gateway's limit store; redis: a private redis-server is started")
+    add("--state", choices=("memory", "redis"),
+        help="the gateway's limit store (resume: its stream logs); redis: a private "
+        "redis-server is started; default memory (resume: redis)")
     add("--workers", type=int, default=1, help="gateway worker processes (> 1 needs redis)")
     add("--no-limits", action="store_true",
         help="give the load key no limits (the limiter is skipped) instead of LOAD_LIMITS")
@@ -2037,9 +2563,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--levels times its capacity (max_in_flight / service time), --duration s each. "
         "--scenario failover: two mocks serving one model, --concurrency closed-loop "
         "connections for --failover-duration s; mock-b SIGKILLed at --kill-at and restarted "
-        "on its port at --restart-at; /readyz polled every 100 ms, /metrics read at the end")
+        "on its port at --restart-at; /readyz polled every 100 ms, /metrics read at the end. "
+        "--scenario resume: --streams streams cut once at a random byte and resumed (half on "
+        "the other instance with --state redis), --detached streams left detached for RSS, "
+        "then --rounds of the stream phase against memory and Redis stream logs")
     add = scenario.add_argument
-    add("--scenario", choices=("overload", "failover"), help="run this scenario instead")
+    add("--scenario", choices=tuple(SCENARIOS), help="run this scenario instead")
     add("--quiet-wait", type=float, default=15.0,
         help=f"wait at most this many seconds, before starting, for a second in which other "
         f"processes use at most {NOISY_PCT}%% of a CPU (0: do not wait)")
@@ -2050,6 +2579,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--failover-duration", type=float, default=12.0, help="failover: seconds of load")
     add("--kill-at", type=float, default=4.0, help="failover: SIGKILL mock-b (s)")
     add("--restart-at", type=float, default=8.0, help="failover: restart mock-b (s)")
+    add("--streams", type=int, default=200, help="resume: streams cut and resumed")
+    add("--stream-tokens", type=int, default=64, help="resume: tokens of each cut stream")
+    add("--stream-token-delay-ms", type=float, default=5.0,
+        help="resume: mock delay between the tokens of a cut stream")
+    add("--detached", type=int, default=500,
+        help="resume: streams left detached for the RSS figure (0: skip)")
+    add("--seed", type=int, default=1, help="resume: seed of the cut positions")
     add("--base-ejection-s", type=float, default=2.0,
         help="failover: outlier_detection.base_ejection (the gateway's default, 30, would "
         "keep the restarted mock out for the rest of the run)")
@@ -2058,6 +2594,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.ttft_ms = {"overload": 50.0, "failover": 20.0}.get(args.scenario, 0.0)
     if args.concurrency is None:
         args.concurrency = 16 if args.scenario == "failover" else 32
+    if args.state is None:
+        args.state = "redis" if args.scenario == "resume" else "memory"
     try:
         args.levels = [float(x) for x in args.levels.split(",") if x.strip()]
     except ValueError:
@@ -2068,6 +2606,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.scenario == "failover" and not (
             0 < args.kill_at < args.restart_at < args.failover_duration):
         parser.error("failover needs 0 < --kill-at < --restart-at < --failover-duration")
+    if args.scenario == "resume" and (min(args.streams, args.stream_tokens) < 1
+                                      or args.detached < 0 or args.stream_token_delay_ms < 0):
+        parser.error("resume needs --streams and --stream-tokens >= 1, --detached >= 0 and "
+                     "--stream-token-delay-ms >= 0")
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(args.targets) - set(TARGETS):
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")

@@ -1,14 +1,18 @@
-"""Tests for scripts/loadtest.py: the choice of load generator and mock, and the wrk runner
-(against the fast mock engine, on loopback)."""
+"""Tests for scripts/loadtest.py: the choice of load generator and mock, the wrk runner
+(against the fast mock engine, on loopback), and the checks and figures of ``--scenario
+resume`` (scripts/loadtest_resume.py; no network)."""
 
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
-from scripts import loadtest
+from scripts import loadtest, loadtest_resume, mock_upstream
 
 
 @pytest.mark.parametrize("text", ['{"a": "b"}', "x]]", "x]=", "]==]y", ""])
@@ -64,3 +68,162 @@ def test_wrk_run_against_the_fast_mock(tmp_path: Path) -> None:
     assert 0 < merged["latency_ms"]["p50"] <= merged["latency_ms"]["p99"] <= merged["latency_ms"]["max"]
     assert load.cpu_s > 0
     assert load.after.at_s > load.before.at_s
+
+
+# -- --scenario resume: the pure parts of scripts/loadtest_resume.py and its summaries ------
+
+STREAM_ID = "gs_" + "ab" * 12
+
+
+def chunk(delta: dict[str, str], serial: int = 1, created: int = 1_796_000_000,
+          finish: str | None = None) -> bytes:
+    return orjson.dumps({"id": f"chatcmpl-mock-{serial}", "object": "chat.completion.chunk",
+                         "created": created, "model": "m",
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+def gateway_stream(tokens: int, stream_id: str = STREAM_ID, serial: int = 1,
+                   created: int = 1_796_000_000) -> bytes:
+    """A chat stream as the gateway writes it: ``id: <stream_id>:<seq>`` and ``data:`` per
+    event, the role chunk, one chunk per mock token, then ``[DONE]``."""
+    datas = [chunk({"role": "assistant", "content": ""}, serial, created)]
+    datas += [chunk({"content": mock_upstream.token(i)}, serial, created,
+                    "stop" if i == tokens - 1 else None) for i in range(tokens)]
+    datas.append(b"[DONE]")
+    return b"".join(b"id: %s:%d\ndata: %s\n\n" % (stream_id.encode(), seq, data)
+                    for seq, data in enumerate(datas, 1))
+
+
+def tail_after(body: bytes, last_event_id: str | None) -> bytes:
+    """What a correct resume after ``last_event_id`` answers: the events after it."""
+    events, _ = loadtest_resume.split_events(body)
+    start = 0 if last_event_id is None else next(
+        i + 1 for i, e in enumerate(events) if e.event_id == last_event_id)
+    return b"".join(e.raw for e in events[start:])
+
+
+def test_split_events_keeps_whole_events_and_skips_keep_alives() -> None:
+    body = b"id: s:1\ndata: a\n\n: keep-alive\n: keep-alive\nid: s:2\ndata: b\ndata: c\n\nid: s:3\nda"
+    events, rest = loadtest_resume.split_events(body)
+    assert [(e.event_id, e.data) for e in events] == [("s:1", b"a"), ("s:2", b"b\nc")]
+    assert events[1].raw == b"id: s:2\ndata: b\ndata: c\n\n"
+    assert rest == b"id: s:3\nda"
+    assert loadtest_resume.split_events(b"id: s:1\ndata: a\n\n: keep-alive\n") == (events[:1], b"")
+
+
+@pytest.mark.parametrize(("received", "cut_at", "ended", "held"), [
+    (b"0123456789", 4, False, b"0123"),
+    (b"0123456789", 10, True, b"012345678"),  # the body ended at the cut: last byte lost
+    (b"01234", 9, True, b"0123"),  # ... or before it
+])
+def test_cut_body(received: bytes, cut_at: int, ended: bool, held: bytes) -> None:
+    assert loadtest_resume.cut_body(received, cut_at, ended) == held
+
+
+def test_every_cut_of_a_stream_reassembles_intact() -> None:
+    tokens = 5
+    body = gateway_stream(tokens)
+    reference = loadtest_resume.normalized(loadtest_resume.split_events(
+        gateway_stream(tokens, "gs_" + "cd" * 12, serial=7, created=1))[0])
+    for cut_at in range(1, len(body)):
+        held = loadtest_resume.cut_body(body, cut_at, ended=False)
+        last = loadtest_resume.cursor(loadtest_resume.split_events(held)[0])
+        resumed = tail_after(body, last)
+        assert loadtest_resume.verify_stream(STREAM_ID, held, resumed, body, tokens,
+                                             reference) == [], cut_at
+
+
+def test_a_resume_that_repeats_or_skips_an_event_is_caught() -> None:
+    body = gateway_stream(4)
+    held = body[:body.index(b"id: %s:3" % STREAM_ID.encode()) + 5]  # events 1-2, part of 3
+    right = tail_after(body, f"{STREAM_ID}:2")
+    events, _ = loadtest_resume.split_events(right)
+    repeated = events[0].raw + right
+    skipped = b"".join(e.raw for e in events[1:])
+
+    def problems(resumed: bytes) -> list[str]:
+        return loadtest_resume.verify_stream(STREAM_ID, held, resumed, body, 4, None)
+
+    assert problems(right) == []
+    assert problems(repeated)[0] == "event 4 repeats seq 3"
+    assert problems(skipped)[0] == "seqs 3..3 missing (event 3 has seq 4)"
+    assert any(p.startswith("differs from the full replay from byte") for p in problems(skipped))
+    assert "text is not expected_text(4)" in problems(skipped)
+
+
+def test_a_resume_that_changes_a_byte_or_stops_early_is_caught() -> None:
+    body = gateway_stream(3)
+    held = body[:40]
+    right = tail_after(body, None)
+    altered = right.replace(b"bravo", b"brave")
+    truncated = right[:-5]
+    foreign = right.replace(STREAM_ID.encode() + b":4", b"gs_other:4")
+    check = loadtest_resume.verify_stream
+    assert check(STREAM_ID, held, right, body, 3, None) == []
+    assert "text is not expected_text(3)" in check(STREAM_ID, held, altered, body, 3, None)
+    assert any(p.startswith("differs from the full replay from byte")
+               for p in check(STREAM_ID, held, altered, body, 3, None))
+    incomplete, no_done = check(STREAM_ID, held, truncated, body, 3, None)[:2]
+    assert incomplete.startswith("the resumed body ends in an incomplete event (")
+    assert no_done == "the reassembled stream does not end with data: [DONE]"
+    assert check(STREAM_ID, held, foreign, body, 3, None)[0].startswith("event 4 has id 'gs_other:4'")
+
+
+def test_payloads_are_compared_without_ids_and_timestamps() -> None:
+    one, two = gateway_stream(3), gateway_stream(3, serial=9, created=5)
+    assert one != two
+    norm = loadtest_resume.normalized
+    events = loadtest_resume.split_events
+    assert norm(events(one)[0]) == norm(events(two)[0])
+    other = norm(events(gateway_stream(4))[0])
+    assert loadtest_resume.verify_stream(STREAM_ID, b"", one, one, 3, other) == [
+        "payloads differ from an uncut stream's"]
+
+
+def test_cuts_are_seeded_and_routes_split_in_halves() -> None:
+    cuts = loadtest_resume.plan_cuts(200, 7, 1000)
+    assert cuts == loadtest_resume.plan_cuts(200, 7, 1000) != loadtest_resume.plan_cuts(200, 8, 1000)
+    assert all(1 <= c <= 999 for c in cuts)
+    routes = [loadtest_resume.route(i, [1, 2]) for i in range(8)]
+    assert routes[:4] == [(1, 1, "same"), (2, 2, "same"), (1, 2, "other"), (2, 1, "other")]
+    assert Counter(where for *_, where in routes) == {"same": 4, "other": 4}
+    assert {loadtest_resume.route(i, [5, 5]) for i in range(4)} == {(5, 5, "same")}
+
+
+def test_commandstats_and_redis_cost_per_token() -> None:
+    text = ("# Commandstats\r\ncmdstat_evalsha:calls=10,usec=5,usec_per_call=0.5,rejected_calls=0\r\n"
+            "cmdstat_xadd:calls=30,usec=9\r\ncmdstat_info:calls=4,usec=1\r\n")
+    after = loadtest.parse_commandstats(text)
+    assert after == {"evalsha": 10, "xadd": 30}
+    cost = loadtest.redis_commands({"evalsha": 2, "xadd": 30}, after, tokens=4, events=8)
+    assert cost is not None
+    assert (cost["commands"], cost["per_token"], cost["per_event"], cost["evalsha_per_token"]) == (
+        8, 2.0, 1.0, 2.0)
+    assert cost["by_command"] == {"evalsha": 8}
+    assert loadtest.redis_commands({}, {}, 4, 8) is None
+
+
+def test_cut_summary_by_where() -> None:
+    def record(where: str, latency: float | None, problems: list[str], held: int = 3) -> dict[str, Any]:
+        return {"where": where, "resume_latency_ms": latency, "problems": problems,
+                "held_events": held}
+
+    records = [record("same", 1.0, []), record("same", 3.0, [], held=0),
+               record("other", 2.0, ["x"]), record("other", None, ["resume: HTTP 404"])]
+    summary = loadtest.cut_summary(records)
+    assert summary["same"] | {"latency_ms": None} == {
+        "streams": 2, "intact": 2, "intact_pct": 100.0, "from_start": 1, "latency_ms": None}
+    assert summary["same"]["latency_ms"]["p50"] == 1.0
+    assert summary["same"]["latency_ms"]["p99"] == 3.0
+    assert (summary["other"]["intact"], summary["all"]["intact_pct"]) == (0, 50.0)
+    assert summary["other"]["latency_ms"]["max"] == 2.0
+
+
+def test_resume_defaults_to_redis_and_validates() -> None:
+    args = loadtest.parse_args(["--scenario", "resume"])
+    assert (args.state, args.streams, args.concurrency, args.mock_engine) == (
+        "redis", 200, 32, "aiohttp")
+    assert loadtest.parse_args(["--scenario", "resume", "--state", "memory"]).state == "memory"
+    assert loadtest.parse_args([]).state == "memory"
+    with pytest.raises(SystemExit):
+        loadtest.parse_args(["--scenario", "resume", "--streams", "0"])
