@@ -11,6 +11,9 @@
         [--max-queue 32] [--queue-timeout-ms 200] [--ttft-ms 50] [--duration 5] [--warmup 1]
     .venv/bin/python scripts/loadtest.py --scenario failover [--concurrency 16] [--ttft-ms 20]
         [--failover-duration 12] [--kill-at 4] [--restart-at 8] [--base-ejection-s 2]
+    .venv/bin/python scripts/loadtest.py --scenario resume [--state redis|memory] [--streams 200]
+        [--stream-tokens 64] [--stream-token-delay-ms 5] [--concurrency 32] [--seed 1]
+        [--detached 500] [--rounds 3] [--duration 5] [--tokens 16]
 
 Starts ``scripts/mock_upstream.py``, the gateway (``python -m proxy serve``) and
 ``scripts/bare_forwarder.py`` as subprocesses on free 127.0.0.1 ports, then runs three
@@ -88,7 +91,7 @@ the report warns when processes outside the test used more than 15% of a CPU dur
 phase (``/proc/stat`` minus the test's own processes). Peak RSS is ``VmHWM`` from
 ``/proc/<pid>/status``, summed over the process tree.
 
-Scenarios (``make load-test ARGS="--scenario overload"``), each well under 90 s; both first
+Scenarios (``make load-test ARGS="--scenario overload"``), each well under 90 s; all first
 wait (at most ``--quiet-wait`` s) for a second in which other processes use at most 15% of a
 CPU, and pin the gateway like the default run:
 
@@ -114,7 +117,26 @@ CPU, and pin the gateway like the default run:
   ``shepherd_upstream_ejections_total``, ``shepherd_retry_budget_exhausted_total`` and
   ``shepherd_upstream_errors_total`` from ``/metrics``. Target: zero client-visible failures.
 
-``--json PATH`` writes every figure of either, with the gateway's config.
+* ``resume``: the mock, and with ``--state redis`` (the default here) a redis-server and two
+  gateways ``redis-a``/``redis-b`` sharing their stream logs in it plus a memory-backend
+  gateway ``memory`` for comparison; with ``--state memory`` the gateway ``memory`` alone.
+  Each gateway's load key has no limits, ``streams.detach_timeout`` is 120 s. Three parts:
+  (1) ``--streams`` streams of ``--stream-tokens`` tokens ``--stream-token-delay-ms`` apart,
+  ``--concurrency`` at once, each cut once at a random byte (``--seed``) by the client
+  dropping the connection and resumed with ``GET /v1/streams/{id}`` + ``Last-Event-ID``, on
+  the same instance for half of them and on the other one for the other half (redis), by
+  ``scripts/loadtest_resume.py``, which checks each stream: seqs 1..n without gap or repeat,
+  byte for byte the stream's own full replay, the text ``expected_text(n)`` and the payloads
+  of an uncut stream (ids and timestamps aside). Reported: streams intact, resume latency
+  (before the reconnect's connect to the first body byte) by same/other instance, Redis
+  commands per streamed token (``INFO commandstats`` before/after; commands run by Lua
+  scripts included) and the gateways' stream counters. (2) ``--detached`` slow streams
+  opened and dropped after their first event: gateway ``VmRSS`` before and with them, per
+  detached stream, then after cancelling them. (3) ``--rounds`` interleaved rounds of the
+  default run's stream phase against ``memory`` and ``redis-a``: streams/s and the ratio.
+  Targets: 100 % intact, resume p99 < 50 ms, streams/s with Redis >= 0.8x memory's.
+
+``--json PATH`` writes every figure of any scenario, with the gateway's config.
 
 Every phase is bounded by time (``--duration`` plus at most ``--timeout`` for requests in
 flight); every subprocess is killed on exit, on Ctrl-C, on SIGTERM and on errors (and by the
@@ -1405,12 +1427,14 @@ def compare_report(args: argparse.Namespace, targets: list[Target], services: Se
         print(f"figures written to {args.json}")
 
 
-# -- scenarios: overload and failover -----------------------------------------------------
+# -- scenarios: overload, failover and resume -----------------------------------------------
 #
 # ``--scenario overload``: one mock with a fixed service time behind a gateway whose upstream
 # has ``max_in_flight``/``max_queue``/``queue_timeout``; an open loop at multiples of its
 # capacity. ``--scenario failover``: two mocks serving one model, closed-loop load, one mock
-# SIGKILLed and later restarted on its port, ``/readyz`` polled throughout. See ``--help``.
+# SIGKILLed and later restarted on its port, ``/readyz`` polled throughout. ``--scenario
+# resume``: streams cut and resumed on the same or the other instance, detached streams'
+# RSS, streaming throughput with memory and Redis stream logs. See ``--help``.
 
 
 #: An overload 503's body names its cause: a full queue, or the queue wait's deadline.
@@ -2120,8 +2144,12 @@ def resume_cuts(args: argparse.Namespace, fleet: Fleet, run: ResumeRun,
     ports = [t.port for t in run.resumers]
     spec = driver_spec(args, "cut", ports * (2 // len(ports)), streams=args.streams,
                        deadline_s=cut_deadline_s(args))
+    pids = {t.name: t.proc.pid for t in run.resumers if t.proc is not None}
+    pids |= run.services.side_pids()
     calls0, counts0 = redis_calls(run.services.redis_port), counters(run.resumers)
+    before = CpuSample.take(pids)
     output = run_driver(args, fleet, spec, run, shown, "resume: cut + resume")
+    after = CpuSample.take(pids)
     calls1, counts1 = redis_calls(run.services.redis_port), counters(run.resumers)
     records = output["records"]
     names = {t.port: t.name for t in run.resumers}
@@ -2132,7 +2160,18 @@ def resume_cuts(args: argparse.Namespace, fleet: Fleet, run: ResumeRun,
     return {"reference": output["reference"], "summary": cut_summary(records),
             "failures": [r for r in records if r["problems"]], "records": records,
             "redis": redis_commands(calls0, calls1, args.streams * args.stream_tokens, events),
-            "metrics": counter_deltas(counts0, counts1), "elapsed_s": output["elapsed_s"]}
+            "metrics": counter_deltas(counts0, counts1), "elapsed_s": output["elapsed_s"],
+            "cpu_pct": phase_cpu_pct(before, after, output["cpu_s"])}
+
+
+def phase_cpu_pct(before: CpuSample, after: CpuSample, client_s: float) -> dict[str, float]:
+    """% of a CPU each sampled process, the client and other processes used in between."""
+    wall = after.at_s - before.at_s
+    used = after.used_since(before)
+    pct = {name: 100 * s / wall for name, s in used.items()}
+    pct["client"] = 100 * client_s / wall
+    pct["other_processes"] = other_cpu_pct(before, after, sum(used.values()) + client_s)
+    return pct
 
 
 def rss_kib(pid: int) -> int:
@@ -2178,6 +2217,7 @@ def detached_rss(args: argparse.Namespace, fleet: Fleet, run: ResumeRun, target:
     pid, port, wanted = target.proc.pid, target.port, args.detached
     time.sleep(0.5)
     before_kib, gone0 = rss_kib(pid), counter_sum(port, "shepherd_client_disconnects_total")
+    store_errors0 = counter_sum(port, "shepherd_stream_store_errors_total")
     spec = driver_spec(args, "detach", [port], streams=wanted, concurrency=DETACH_CONCURRENCY,
                        token_delay_ms=DETACHED_TOKEN_DELAY_MS, deadline_s=args.timeout + 10)
     opened = run_driver(args, fleet, spec, run, shown, f"{target.name}: {wanted} detached")
@@ -2197,7 +2237,8 @@ def detached_rss(args: argparse.Namespace, fleet: Fleet, run: ResumeRun, target:
             "rss_before_kib": before_kib, "rss_detached_kib": detached_kib,
             "per_stream_kib": (detached_kib - before_kib) / len(ids) if ids else None,
             "cancel_statuses": cancelled["statuses"], "drained": drained,
-            "rss_after_cancel_kib": rss_kib(pid)}
+            "rss_after_cancel_kib": rss_kib(pid),
+            "store_errors": counter_sum(port, "shepherd_stream_store_errors_total") - store_errors0}
 
 
 def throughput_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -2210,6 +2251,9 @@ def throughput_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {"rps": statistics.median(r["rps"] for r in rounds),
             "min": min(r["rps"] for r in rounds), "max": max(r["rps"] for r in rounds),
             "errors": dict(errors), "cpu_us_per_stream": statistics.median(cpu) if cpu else None,
+            "cpu_pct": {k: statistics.median(r["cpu_pct"].get(k, 0.0) for r in rounds)
+                        for k in ("under_test", "redis")},
+            "other_cpu_pct_max": max(r["cpu_pct"]["other_processes"] for r in rounds),
             "redis_commands_per_token": statistics.median(costs) if costs else None,
             "ttft_ms": rounds[-1]["ttft_ms"], "latency_ms": rounds[-1]["latency_ms"]}
 
@@ -2232,24 +2276,35 @@ def stream_throughput(args: argparse.Namespace, fleet: Fleet, run: ResumeRun,
                                              streams * args.tokens, streams * (args.tokens + 2))
             rounds[target.name].append(result)
     summary = {name: throughput_summary(rs) for name, rs in rounds.items()}
-    ratio = (summary["redis-a"]["rps"] / summary["memory"]["rps"]
-             if "redis-a" in summary and summary["memory"]["rps"] else None)
-    return {"targets": summary, "ratio": ratio, "rounds": rounds}
+    both = "redis-a" in summary and summary["memory"]["rps"]
+    ratio = summary["redis-a"]["rps"] / summary["memory"]["rps"] if both else None
+    cpu = [summary[n]["cpu_us_per_stream"] for n in ("memory", "redis-a") if n in summary]
+    cpu_ratio = cpu[0] / cpu[1] if len(cpu) == 2 and None not in cpu and cpu[1] else None
+    return {"targets": summary, "ratio": ratio, "cpu_ratio": cpu_ratio, "rounds": rounds}
 
 
 def log_problems(log_dir: Path, names: Sequence[str]) -> dict[str, dict[str, int]]:
-    """Warning and error lines of each gateway's log, counted by message."""
+    """Warning and error lines of each gateway's log, counted by message (with the last
+    line of the traceback, if any)."""
     out: dict[str, dict[str, int]] = {}
     for name in names:
         seen: Counter[str] = Counter()
         for line in (log_dir / f"{name}.log").read_text(errors="replace").splitlines():
             if '"level":"warning"' in line or '"level":"error"' in line or "Traceback" in line:
-                try:
-                    seen[str(orjson.loads(line).get("msg"))] += 1
-                except orjson.JSONDecodeError:
-                    seen[line[:120]] += 1
+                seen[log_message(line)] += 1
         out[name] = dict(seen)
     return out
+
+
+def log_message(line: str) -> str:
+    """``msg (error: the exception's last line or the error field)`` of a JSON log line;
+    the line's start otherwise."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line[:120]
+    exc = str(record.get("exc") or "").strip().rpartition("\n")[2] or record.get("error")
+    return f"{record.get('msg')} ({exc})" if exc else str(record.get("msg"))
 
 
 def run_resume(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
@@ -2268,6 +2323,7 @@ def run_resume(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
     doc["throughput"] = stream_throughput(args, fleet, run, shown)
     shown.clear()
     doc["gateway_logs"] = log_problems(fleet.log_dir, list(run.gateways))
+    doc["metrics_end"] = counters(list(run.gateways.values()))
     doc["gateway_config"] = orjson.loads((fleet.log_dir / f"resume-{run.resumers[0].name}.yaml")
                                          .read_bytes())
     return doc
@@ -2281,6 +2337,8 @@ def resume_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
           end="\n\n")
     for line in [*failure_lines(cuts), *redis_lines(cuts), *counter_lines(cuts["metrics"])]:
         print(line)
+    print("CPU% during the cut phase: " + ", ".join(f"{k} {v:.0f}"
+                                                    for k, v in cuts["cpu_pct"].items()))
     if doc["detached"]:
         print(f"\n{args.detached} streams detached: each dropped after its first event (mock: a "
               f"token every {DETACHED_TOKEN_DELAY_MS} ms), then cancelled "
@@ -2297,14 +2355,17 @@ def resume_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
 
 
 def resume_header(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
+    redis = doc["state"] == "redis"
     where = scenario_placement(args)
     placed = ("nothing pinned" if where is None else
-              f"gateways on CPU {fmt_cpus(where[0])}, mock + redis-server + client on CPU "
-              f"{fmt_cpus(where[1])}")
+              f"gateway(s) on CPU {fmt_cpus(where[0])}, mock{' + redis-server' if redis else ''}"
+              f" + client on CPU {fmt_cpus(where[1])}")
     names = [t for t in doc["gateways"] if t != "memory"] or ["memory"]
     state = (f"state redis: {' and '.join(names)} share one redis-server (stream logs in Redis "
              "Streams); memory: a memory-backend gateway for the throughput comparison"
-             if doc["state"] == "redis" else "state memory: one gateway, resumed on itself")
+             if redis else "state memory: one gateway, resumed on itself")
+    resumed = ("on the same instance (half) or the other one (half)" if redis
+               else "on the same instance")
     ref = doc["cuts"]["reference"]
     return [f"Shepherd resume - 127.0.0.1, Python {platform.python_version()}, "
             f"{len(ALL_CPUS)} CPUs; {placed}",
@@ -2313,8 +2374,7 @@ def resume_header(args: argparse.Namespace, doc: dict[str, Any]) -> list[str]:
             f"{ref['body_bytes']:,} bytes), {args.stream_token_delay_ms:g} ms apart, "
             f"{args.concurrency} at once; each cut once at a random byte (seed {args.seed}) "
             "by dropping the connection, resumed with GET /v1/streams/{id} + Last-Event-ID "
-            "on the same instance (half) or the other one (half); latency: before the "
-            "reconnect's connect to the first body byte", ""]
+            f"{resumed}; latency: before the reconnect's connect to the first body byte", ""]
 
 
 def cut_rows(summary: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
@@ -2387,6 +2447,7 @@ def rss_rows(detached: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]
         ("RSS per detached stream KiB", ["-" if c["per_stream_kib"] is None else
                                          f"{c['per_stream_kib']:.1f}" for c in cols]),
         ("RSS after cancel MiB", [mib(c["rss_after_cancel_kib"]) for c in cols]),
+        ("  stream store errors", [f"{c['store_errors']:,.0f}" for c in cols]),
         ("  cancel answers / drained", [", ".join(f"{k} x{v}" for k, v in
                                                  c["cancel_statuses"].items())
                                         + (" / yes" if c["drained"] else " / NO")
@@ -2405,6 +2466,9 @@ def throughput_rows(targets: dict[str, dict[str, Any]]) -> list[tuple[str, list[
         ("  min-max", [f"{c['min']:,.0f}-{c['max']:,.0f}" for c in cols]),
         ("TTFT p50 / p99 ms (last round)", [fmt_ms(c["ttft_ms"]) for c in cols]),
         ("gateway CPU us / stream", [opt(c["cpu_us_per_stream"], "{:,.0f}") for c in cols]),
+        ("CPU% gateway / redis / other", [f"{c['cpu_pct']['under_test']:.0f} / "
+                                          f"{c['cpu_pct']['redis']:.0f} / "
+                                          f"{c['other_cpu_pct_max']:.0f}" for c in cols]),
         ("Redis commands / token", [opt(c["redis_commands_per_token"], "{:.2f}") for c in cols]),
         ("errors", [str(sum(c["errors"].values())) for c in cols]),
     ]
@@ -2427,12 +2491,24 @@ def resume_verdicts(doc: dict[str, Any]) -> list[str]:
                          f"{'PASS' if ok else 'FAIL'} (target < {RESUME_P99_TARGET_MS:g} ms)")
     if tp["ratio"] is not None:
         ok = tp["ratio"] >= THROUGHPUT_TARGET_RATIO
+        cpu = "" if tp["cpu_ratio"] is None else (
+            f"; gateway CPU per stream memory / redis-a {tp['cpu_ratio']:.2f}x")
         lines.append(f"streaming throughput redis-a / memory: {tp['ratio']:.2f}x: "
-                     f"{'PASS' if ok else 'FAIL'} (target >= {THROUGHPUT_TARGET_RATIO:g}x)")
+                     f"{'PASS' if ok else 'FAIL'} (target >= {THROUGHPUT_TARGET_RATIO:g}x{cpu})")
     else:
         lines.append("streaming throughput redis / memory: not measured (--state memory)")
+    if (cut_noise := doc["cuts"]["cpu_pct"]["other_processes"]) > NOISY_PCT:
+        lines.append(f"WARNING: other processes used {cut_noise:.0f}% of a CPU during the cut "
+                     "phase; its latencies are noisy")
+    noisy = max(c["other_cpu_pct_max"] for c in tp["targets"].values())
+    if noisy > NOISY_PCT:
+        lines.append(f"WARNING: other processes used up to {noisy:.0f}% of a CPU during the "
+                     "throughput rounds; streams/s are noisy (CPU per stream is not)")
     if not doc["cuts"]["reference"]["text_ok"]:
         lines.append("WARNING: the uncut reference stream's text is not expected_text()")
+    for name, samples in doc["metrics_end"].items():
+        if errors := samples.get("shepherd_stream_store_errors_total"):
+            lines.append(f"{name}: shepherd_stream_store_errors_total {errors:,.0f} (whole run)")
     for name, seen in doc["gateway_logs"].items():
         if seen:
             lines.append(f"{name} log warnings/errors: "
