@@ -243,11 +243,11 @@ async def write_stream(request: web.Request, answer: StreamAnswer) -> web.Stream
     try:
         await response.prepare(request)
         await _copy_frames(response, reader, gateway.settings.server.sse_keepalive_s)
-    except (asyncio.CancelledError, ConnectionResetError):
-        gateway.metrics.client_disconnects.inc()
-        if ctx is not None:
-            ctx.client_closed = True
+    except asyncio.CancelledError:  # the connection closed: aiohttp cancels the handler
+        _client_left(gateway, ctx)
         raise
+    except ConnectionResetError:  # it closed between two writes
+        _client_left(gateway, ctx)
     except GatewayError as exc:  # the log was lost under the reader (evicted, store down)
         await response.write(error_frame(exc))
         await response.write_eof()
@@ -257,6 +257,12 @@ async def write_stream(request: web.Request, answer: StreamAnswer) -> web.Stream
         if ctx is not None and answer.metering is not None:
             ctx.usage = answer.metering.usage
     return response
+
+
+def _client_left(gateway: Gateway, ctx: RequestContext | None) -> None:
+    gateway.metrics.client_disconnects.inc()
+    if ctx is not None:
+        ctx.client_closed = True
 
 
 async def _copy_frames(response: web.StreamResponse, reader: StreamCursor, keepalive_s: float) -> None:

@@ -432,7 +432,7 @@ async def _attach_local(gateway: Gateway, log: StreamLog, after_seq: int) -> Str
 async def _resume_remote(gateway: Gateway, principal: Principal, stream_id: str,
                          after_seq: int) -> StreamAnswer | None:
     """``resume`` of a stream this instance does not hold, from the shared store."""
-    info = await _remote_info(gateway, principal, stream_id)
+    info = await _remote_info(gateway, principal, stream_id, after_seq)
     if info.error_status is not None and info.error_body is not None:
         raise UpstreamStatusError(info.error_status, info.error_body)
     check_cursor(after_seq, info.first_seq, info.last_seq)
@@ -444,15 +444,34 @@ async def _resume_remote(gateway: Gateway, principal: Principal, stream_id: str,
     return StreamAnswer(gateway.remote_streams.reader(info, after_seq), info.headers)
 
 
-async def _remote_info(gateway: Gateway, principal: Principal, stream_id: str) -> RemoteStreamInfo:
-    """The shared store's view of ``stream_id`` if it is this key's.
+#: How long a resume on another instance waits for the shared store to catch up with the
+#: producer: its mirror writes a new stream, and each batch of events, a moment after the
+#: client may have seen them (the client can be faster than the copy).
+REMOTE_CATCH_UP_S = 1.0
+REMOTE_POLL_S = 0.01
+
+
+async def _remote_info(gateway: Gateway, principal: Principal, stream_id: str,
+                       after_seq: int = 0) -> RemoteStreamInfo:
+    """The shared store's view of ``stream_id`` if it is this key's, once it holds the
+    stream and (while running) the event at ``after_seq`` — waiting up to
+    ``REMOTE_CATCH_UP_S`` for the producer's mirror to write them.
 
     Raises:
         StreamNotFoundError: no shared store, unknown, expired, another key's, or the store
-            is unreachable (404).
+            is unreachable (404; an unknown id is answered after ``REMOTE_CATCH_UP_S``).
     """
     remote = gateway.remote_streams
-    info = await remote.info(stream_id) if remote is not None else None
+    if remote is None:
+        raise StreamNotFoundError()
+    deadline = asyncio.get_running_loop().time() + REMOTE_CATCH_UP_S
+    while True:
+        info = await remote.info(stream_id)
+        caught_up = info is not None and (info.state is not StreamState.RUNNING
+                                          or after_seq <= info.last_seq)
+        if caught_up or asyncio.get_running_loop().time() >= deadline:
+            break
+        await asyncio.sleep(REMOTE_POLL_S)
     if info is None or info.owner != principal.name:
         raise StreamNotFoundError()
     return info

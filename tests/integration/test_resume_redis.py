@@ -262,3 +262,24 @@ async def test_responses_retrieve_resumes_on_the_other_instance(
     assert [e.sequence_number for e in resumed] == [e.sequence_number for e in original[5:]]
     assert [e.model_dump() for e in resumed] == [e.model_dump() for e in original[5:]]
     assert resumed[-1].type == "response.completed"
+
+
+async def test_a_resume_on_the_other_instance_waits_for_the_copy_to_catch_up(
+        mock_upstream: MockUpstream, redis_server: RedisServer,
+        gateway_process: StartGatewayProcess) -> None:
+    """The client can be faster than the producer's mirror: resumed on B the instant it was
+    cut on A (right after the first event, or mid-stream), no stream is answered 404 or
+    400 because Redis had not caught up yet; every one comes back whole."""
+    a, b = await start_pair(gateway_process, shared_config(mock_upstream, redis_server))
+
+    async def cut_and_resume(session: aiohttp.ClientSession, keep: int) -> str:
+        stream_id, head = await start_and_cut(session, a.url, slow_tokens(40, 3), keep=keep)
+        head = complete_events(head)
+        status, tail = await resume_on(session, b.url, stream_id, seqs(head)[-1])
+        assert status == 200, tail
+        assert seqs(head + tail) == list(range(1, len(events(head + tail)) + 1))
+        return chat_text(head + tail)
+
+    async with aiohttp.ClientSession() as session:
+        texts = await asyncio.gather(*(cut_and_resume(session, keep) for keep in [1, 20] * 12))
+    assert texts == [expected_text(40)] * 24
