@@ -295,7 +295,9 @@ class UpstreamConfig(_Frozen):
     ``priority``: tier, lower is preferred (higher tiers take traffic only when no deployment
     of a lower tier is available); ``weight``: share within a tier. ``max_in_flight``
     requests at once (default ``max_connections``; it also sizes the keep-alive pool),
-    ``max_queue`` more may wait up to ``queue_timeout``.
+    ``max_queue`` more may wait up to ``queue_timeout``. ``max_response_bytes``: the
+    largest body taken from it, counted after decompression (a unary answer, or a whole
+    stream); past it the request fails with 502 ``upstream_response_too_large``.
     """
 
     base_url: str
@@ -315,6 +317,7 @@ class UpstreamConfig(_Frozen):
     project: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     inject_stream_usage: bool = True
+    max_response_bytes: SizeBytes = 64 * 2**20
 
     @field_validator("base_url")
     @classmethod

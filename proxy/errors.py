@@ -13,6 +13,8 @@ Class tree (the HTTP status each answers with)::
     ├── OverloadedError (503 overloaded)
     └── UpstreamError (502 upstream_error)
         ├── UpstreamConnectionError (502)
+        ├── UpstreamInvalidResponseError (502 upstream_invalid_response)
+        ├── UpstreamResponseTooLargeError (502 upstream_response_too_large)
         ├── UpstreamTimeoutError (504 timeout)
         └── UpstreamStatusError (the upstream's own status and error body)
 
@@ -185,6 +187,23 @@ class UpstreamConnectionError(UpstreamError):
     def __init__(self, message: str, *, stale: bool = False, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.stale = stale
+
+
+class UpstreamInvalidResponseError(UpstreamError):
+    """A 2xx answer that is not what the endpoint promises: a unary body that is not JSON
+    (an HTML page from a misconfigured load balancer), a stream that is not
+    ``text/event-stream``, an SSE event that is not UTF-8 (502). Counted as an upstream
+    failure and retried elsewhere before the first byte."""
+
+    default_code = "upstream_invalid_response"
+
+
+class UpstreamResponseTooLargeError(UpstreamError):
+    """The upstream's body, counted after decompression, passed
+    ``upstreams.<name>.max_response_bytes`` (502); the connection is closed, never a
+    partial answer."""
+
+    default_code = "upstream_response_too_large"
 
 
 class UpstreamTimeoutError(UpstreamError):

@@ -14,6 +14,7 @@ before it reaches the client (DESIGN §4 Wire rules).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import functools
 import itertools
 import logging
@@ -36,6 +37,7 @@ from proxy.errors import (
     RateLimitError,
     UpstreamConnectionError,
     UpstreamError,
+    UpstreamInvalidResponseError,
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
@@ -45,6 +47,7 @@ from proxy.upstream import (
     DEFAULT_RETRY_AFTER_S,
     Headers,
     Upstream,
+    invalid_response,
     map_client_error,
     normalize_error_body,
 )
@@ -175,34 +178,48 @@ class Metering:
 
 async def send_unary(upstream: Upstream, method: str, path: str, body: bytes | None,
                      headers: Headers, query_string: str = "") -> UnaryResult:
-    """A unary attempt: send one request (``Upstream.send``) and read the whole answer; the
-    pooled connection is always released. ``timeouts.first_byte`` bounds each wait for the
-    answer (``Upstream.unary_timeout``).
+    """A unary attempt: send one request (``Upstream.send``) and read the whole answer, at
+    most ``max_response_bytes`` after decompression; the pooled connection is always
+    released. ``timeouts.first_byte`` bounds each wait for the answer
+    (``Upstream.unary_timeout``). A 2xx answer must be JSON (OpenAI API reference: every
+    non-stream endpoint answers a JSON object).
 
     Raises:
-        GatewayError: connect failure or timeout (502/504), or the upstream's error status.
+        GatewayError: connect failure or timeout (502/504), the upstream's error status,
+            ``upstream_response_too_large`` or ``upstream_invalid_response`` (502).
     Cancelling is safe: the connection is closed, not returned to the pool half-read.
     """
     response = await upstream.send(method, path, body, headers, query_string=query_string,
                                    client_timeout=upstream.unary_timeout)
     await upstream.raise_for_status(response)
     try:
-        async with response:
-            data = await response.read()
+        data = await upstream.read_body(response)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise map_client_error(upstream, exc) from None
-    return UnaryResult(response.status, response.headers, data, _usage_of(data))
+    payload = _json_answer(upstream, response, data)
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    return UnaryResult(response.status, response.headers, data, usage if isinstance(usage, dict) else None)
 
 
-def _usage_of(body: bytes) -> JSONDict | None:
-    if b'"usage"' not in body:
-        return None
+def _json_answer(upstream: Upstream, response: aiohttp.ClientResponse, data: bytes) -> object:
+    """``data`` decoded, if the answer is JSON by its ``Content-Type`` (when it names one)
+    and by its bytes.
+
+    Raises:
+        UpstreamInvalidResponseError: another content type, or bytes that do not parse.
+    """
+    content_type = response.headers.get("Content-Type")
+    if content_type is not None and not _is_json_type(content_type):
+        raise invalid_response(upstream, f"Content-Type {content_type[:60]!r} instead of JSON")
     try:
-        obj = orjson.loads(body)
+        return orjson.loads(data)
     except orjson.JSONDecodeError:
-        return None
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    return usage if isinstance(usage, dict) else None
+        raise invalid_response(upstream, "a body that is not JSON") from None
+
+
+def _is_json_type(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,10 +261,11 @@ class StreamJob:
 
 
 def is_retryable(error: GatewayError) -> bool:
-    """Connect errors, timeouts, 429 and 5xx may succeed elsewhere; other 4xx never."""
+    """Connect errors, timeouts, invalid answers, 429 and 5xx may succeed elsewhere; other
+    4xx never."""
     if isinstance(error, UpstreamStatusError):
         return error.upstream_status == 429 or error.upstream_status >= 500
-    return isinstance(error, UpstreamConnectionError | UpstreamTimeoutError)
+    return isinstance(error, UpstreamConnectionError | UpstreamTimeoutError | UpstreamInvalidResponseError)
 
 
 class Dispatcher:
@@ -466,6 +484,7 @@ async def _stream_attempt(job: StreamJob, upstream: Upstream) -> None:
         async with asyncio.timeout(upstream.config.timeouts.first_byte_s) as first_byte:
             response = await upstream.send("POST", job.request.endpoint.path, body, job.headers)
             await upstream.raise_for_status(response)
+            _check_event_stream(upstream, response)
             clean = await _pump_events(job, response, first_byte)
     except (aiohttp.ClientError, TimeoutError, SSEError) as exc:
         if job.log.last_seq:
@@ -477,14 +496,37 @@ async def _stream_attempt(job: StreamJob, upstream: Upstream) -> None:
             response.release() if clean else response.close()
 
 
+def _check_event_stream(upstream: Upstream, response: aiohttp.ClientResponse) -> None:
+    """A 2xx answer to a stream request must be ``text/event-stream`` (WHATWG HTML §9.2).
+
+    Raises:
+        UpstreamInvalidResponseError: any other content type (the response is closed).
+    """
+    content_type = response.headers.get("Content-Type", "")
+    if content_type.partition(";")[0].strip().lower() != "text/event-stream":
+        response.close()
+        raise invalid_response(upstream, f"Content-Type {content_type[:60]!r} instead of an event stream")
+
+
 async def _pump_events(job: StreamJob, response: aiohttp.ClientResponse,
                        first_byte: asyncio.Timeout) -> bool:
     """Copy events until the upstream ends; returns whether it ended cleanly. Lifts the
-    ``first_byte`` deadline once the first event is in the log."""
+    ``first_byte`` deadline once the first event is in the log. The stream must be UTF-8
+    (WHATWG HTML §9.2 decodes event streams as UTF-8 only) and at most
+    ``max_response_bytes`` long after decompression."""
     log, parser, upstream = job.log, SSEParser(), job.upstream
     assert upstream is not None
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    limit_bytes, read_bytes = upstream.config.max_response_bytes, 0
     waiting_first = True
     async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
+        read_bytes += len(chunk)
+        if read_bytes > limit_bytes:
+            raise upstream.too_large()
+        try:
+            utf8.decode(chunk)
+        except UnicodeDecodeError:
+            raise invalid_response(upstream, "an event stream that is not UTF-8") from None
         for event in parser.feed(chunk):
             if _handle_event(job, event.data, event.event):
                 return log.state is StreamState.DONE and await _drain(response)

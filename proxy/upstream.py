@@ -24,6 +24,8 @@ from proxy.errors import (
     GatewayError,
     UpstreamConnectionError,
     UpstreamError,
+    UpstreamInvalidResponseError,
+    UpstreamResponseTooLargeError,
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
@@ -201,6 +203,34 @@ class Upstream:
             response.release()
         raise upstream_status_error(self, response.status, data, response.headers.get("Retry-After"))
 
+    async def read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole (decompressed) body of ``response``, at most ``max_response_bytes``;
+        the response is released (closed when cut short).
+
+        aiohttp decompresses in bounded pieces as the body is read, so a compression bomb
+        costs at most one piece beyond the cap.
+
+        Raises:
+            UpstreamResponseTooLargeError: the body passed ``max_response_bytes`` (502).
+            aiohttp.ClientError, TimeoutError: the body could not be read.
+        Cancelling is safe: the connection is closed, not pooled half-read.
+        """
+        limit = self.config.max_response_bytes
+        body = bytearray()
+        async with response:
+            async for chunk in response.content.iter_chunked(READ_BUFFER_BYTES):
+                body += chunk
+                if len(body) > limit:
+                    response.close()
+                    raise self.too_large()
+        return bytes(body)
+
+    def too_large(self) -> UpstreamResponseTooLargeError:
+        """The error for a body past ``max_response_bytes``."""
+        return UpstreamResponseTooLargeError(
+            f"Upstream {self.name} sent more than max_response_bytes "
+            f"({self.config.max_response_bytes} bytes after decompression).")
+
     def pool_stats(self) -> dict[str, int]:
         """Connections of the pool: ``in_use`` (checked out) and ``idle`` (kept alive)."""
         connector = self._connector
@@ -336,6 +366,11 @@ def _retry_after_s(value: str | None) -> float | None:
     except ValueError:
         return None
     return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def invalid_response(upstream: Upstream, what: str) -> UpstreamInvalidResponseError:
+    """The error for a 2xx answer that is not what the endpoint promises."""
+    return UpstreamInvalidResponseError(f"Upstream {upstream.name} answered 2xx with {what}.")
 
 
 def map_client_error(upstream: Upstream, exc: BaseException) -> GatewayError:
