@@ -423,9 +423,9 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     route = _passthrough_route(gateway, principal, _json_model(request, body))
     path = request.rel_url.raw_path[len("/v1"):]
 
-    async def attempt(upstream: Upstream) -> web.StreamResponse:
+    async def attempt(upstream: Upstream, deadline: float) -> web.StreamResponse:
         try:
-            async with asyncio.timeout(upstream.config.timeouts.first_byte_s):
+            async with asyncio.timeout_at(deadline):
                 upstream_response = await upstream.send(
                     request.method, path, body or None, request.headers,
                     query_string=request.rel_url.raw_query_string, passthrough=True)

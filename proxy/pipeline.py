@@ -298,11 +298,11 @@ async def _unary(gateway: Gateway, call: Call, request: InferenceRequest, route:
     error, the whole reservation if cancelled mid-request)."""
     ctx = request_context.get()
 
-    async def attempt(upstream: Upstream) -> UnaryResult:
+    async def attempt(upstream: Upstream, deadline: float) -> UnaryResult:
         if ctx is not None:
             ctx.upstream = upstream.name
         body, _ = request.upstream_body(upstream.config.inject_stream_usage)
-        return await send_unary(upstream, "POST", request.endpoint.path, body, call.headers)
+        return await send_unary(upstream, deadline, "POST", request.endpoint.path, body, call.headers)
 
     counts: tuple[int, int] | None = None
     try:

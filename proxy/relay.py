@@ -176,11 +176,12 @@ class Metering:
     events: int = 0
 
 
-async def send_unary(upstream: Upstream, method: str, path: str, body: bytes | None,
-                     headers: Headers, query_string: str = "") -> UnaryResult:
+async def send_unary(upstream: Upstream, deadline: float, method: str, path: str,
+                     body: bytes | None, headers: Headers, query_string: str = "") -> UnaryResult:
     """A unary attempt: send one request (``Upstream.send``) and read the whole answer, at
     most ``max_response_bytes`` after decompression; the pooled connection is always
-    released. ``timeouts.first_byte`` bounds each wait for the answer
+    released. The response headers must arrive by ``deadline`` (loop time; see
+    ``Attempt``), then ``timeouts.first_byte`` bounds each wait for the body
     (``Upstream.unary_timeout``). A 2xx answer must be JSON (OpenAI API reference: every
     non-stream endpoint answers a JSON object).
 
@@ -189,8 +190,12 @@ async def send_unary(upstream: Upstream, method: str, path: str, body: bytes | N
             ``upstream_response_too_large`` or ``upstream_invalid_response`` (502).
     Cancelling is safe: the connection is closed, not returned to the pool half-read.
     """
-    response = await upstream.send(method, path, body, headers, query_string=query_string,
-                                   client_timeout=upstream.unary_timeout)
+    try:
+        async with asyncio.timeout_at(deadline):
+            response = await upstream.send(method, path, body, headers, query_string=query_string,
+                                           client_timeout=upstream.unary_timeout)
+    except TimeoutError as exc:
+        raise map_client_error(upstream, exc) from None
     await upstream.raise_for_status(response)
     try:
         data = await upstream.read_body(response)
@@ -260,6 +265,12 @@ class StreamJob:
     on_response_id: Callable[[str], None] = lambda _response_id: None
 
 
+Attempt = Callable[[Upstream, float], Awaitable[T]]
+"""One attempt of a request on a deployment: ``attempt(upstream, deadline)``, where
+``deadline`` is the event-loop time (``loop.time()``) by which the first byte (the response
+headers; for a stream, its first event) must have arrived. Raises ``GatewayError``."""
+
+
 def is_retryable(error: GatewayError) -> bool:
     """Connect errors, timeouts, invalid answers, 429 and 5xx may succeed elsewhere; other
     4xx never."""
@@ -290,10 +301,16 @@ class Dispatcher:
         self.budget = budget
         self.events = events or NoEvents()
 
-    async def run(self, route: Route, attempt: Callable[[Upstream], Awaitable[T]],
+    async def run(self, route: Route, attempt: Attempt[T],
                   committed: Callable[[], bool] = lambda: False) -> T:
-        """Call ``attempt(upstream)`` until it succeeds, the error is final, or the first
-        byte was committed to the client (``committed()``).
+        """Call ``attempt(upstream, deadline)`` until it succeeds, the error is final, the
+        first byte was committed to the client (``committed()``), or the first-byte deadline
+        passed.
+
+        One deadline bounds the whole phase before the first byte: ``timeouts.first_byte``
+        of the first deployment tried, counted from its first attempt; every attempt,
+        backoff and queue wait after it spends from it (each attempt gets what is left),
+        so with retries a client still waits at most about ``first_byte``.
 
         Raises:
             GatewayError: the last attempt's error; ``x-should-retry: false`` when the
@@ -306,16 +323,19 @@ class Dispatcher:
         finally:
             self.budget.end_request()
 
-    async def _attempts(self, route: Route, attempt: Callable[[Upstream], Awaitable[T]],
-                        committed: Callable[[], bool]) -> T:
+    async def _attempts(self, route: Route, attempt: Attempt[T], committed: Callable[[], bool]) -> T:
         tried: set[str] = set()
         last: GatewayError | None = None
         retry_held = False  # a retry taken from the budget and not yet given back
+        deadline: float | None = None  # loop time by which the first byte must have come
         try:
             for n in itertools.count(1):
                 name = await self._slot(route, tried, last)
+                upstream = self.upstreams[name]
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + upstream.config.timeouts.first_byte_s
                 try:
-                    result = await self._attempt_on_slot(self.upstreams[name], attempt)
+                    result = await self._attempt_on_slot(upstream, attempt, deadline)
                 except GatewayError as exc:
                     self._record(name, exc)
                     last = exc
@@ -328,22 +348,22 @@ class Dispatcher:
                         self.budget.end_retry()
                         retry_held = False
                 tried.add(name)
-                retry_held = await self._before_retry(route, tried, last, n, committed, name)
+                retry_held = await self._before_retry(route, tried, last, n, committed, name, deadline)
             raise AssertionError("unreachable")  # pragma: no cover - count() never ends
         finally:
             if retry_held:  # cancelled in the backoff, or nowhere left to retry
                 self.budget.end_retry()
 
     @staticmethod
-    async def _attempt_on_slot(upstream: Upstream, attempt: Callable[[Upstream], Awaitable[T]]) -> T:
+    async def _attempt_on_slot(upstream: Upstream, attempt: Attempt[T], deadline: float) -> T:
         """One attempt; a pooled connection found dead before any response is redone once,
         at once, on the same deployment and slot (not a retry: nothing reached the upstream)."""
         try:
-            return await attempt(upstream)
+            return await attempt(upstream, deadline)
         except UpstreamConnectionError as exc:
             if not exc.stale:
                 raise
-        return await attempt(upstream)
+        return await attempt(upstream, deadline)
 
     async def _slot(self, route: Route, tried: set[str], last: GatewayError | None) -> str:
         try:
@@ -359,16 +379,19 @@ class Dispatcher:
         return await self.admission.acquire(candidates, self.balancer.choose, route.priority)
 
     async def _before_retry(self, route: Route, tried: set[str], error: GatewayError | None, n: int,
-                            committed: Callable[[], bool], name: str) -> bool:
+                            committed: Callable[[], bool], name: str, deadline: float) -> bool:
         """Raise ``error`` unless another attempt may follow, then wait the backoff.
         ``n``: attempts made so far. Returns whether the retry came out of the budget.
+        No retry starts once the first-byte ``deadline`` (loop time) has passed, and the
+        backoff never runs past it.
 
         A failover to a deployment not tried yet is free: it cannot hammer the one that
         failed. A retry on a deployment already tried (or when none other is available)
         takes a place in the retry budget, and is refused when the budget is spent.
         """
         assert error is not None
-        if committed() or not is_retryable(error) or n >= self.retry.attempts:
+        loop = asyncio.get_running_loop()
+        if committed() or not is_retryable(error) or n >= self.retry.attempts or loop.time() >= deadline:
             if n > 1:
                 error.should_retry = False  # the gateway already retried
             raise error
@@ -379,7 +402,7 @@ class Dispatcher:
             raise error
         self.events.count_retry(name, _error_kind(error))
         try:
-            await asyncio.sleep(self.backoff_s(n))
+            await asyncio.sleep(min(self.backoff_s(n), max(0.0, deadline - loop.time())))
         except asyncio.CancelledError:
             if budgeted:
                 self.budget.end_retry()
@@ -471,17 +494,17 @@ async def produce_stream(job: StreamJob, dispatcher: Dispatcher) -> None:
         log.fail(error, error_frame(error))
 
 
-async def _stream_attempt(job: StreamJob, upstream: Upstream) -> None:
-    """One attempt: open the stream on ``upstream`` and pump it to its end. One deadline,
-    ``timeouts.first_byte``, runs from sending the request to the first event appended;
-    after it, ``read_gap`` (the session's ``sock_read``) bounds each silence. The connection
-    is closed, not pooled, when the stream did not end cleanly."""
+async def _stream_attempt(job: StreamJob, upstream: Upstream, deadline: float) -> None:
+    """One attempt: open the stream on ``upstream`` and pump it to its end. The request's
+    first-byte ``deadline`` (loop time) bounds everything from sending the request to the
+    first event appended; after it, ``read_gap`` (the session's ``sock_read``) bounds each
+    silence. The connection is closed, not pooled, when the stream did not end cleanly."""
     job.upstream = upstream
     body, job.injected_usage = job.request.upstream_body(upstream.config.inject_stream_usage)
     response: aiohttp.ClientResponse | None = None
     clean = False
     try:
-        async with asyncio.timeout(upstream.config.timeouts.first_byte_s) as first_byte:
+        async with asyncio.timeout_at(deadline) as first_byte:
             response = await upstream.send("POST", job.request.endpoint.path, body, job.headers)
             await upstream.raise_for_status(response)
             _check_event_stream(upstream, response)

@@ -453,24 +453,25 @@ FIRST = {"weight": 100}
 
 
 def unary(headers: dict[str, str] | None = None, calls: list[str] | None = None
-          ) -> Callable[[Upstream], Awaitable[UnaryResult]]:
-    """An attempt that sends the chat body on the upstream's pool (what ``serve_unary`` does)."""
+          ) -> Callable[[Upstream, float], Awaitable[UnaryResult]]:
+    """An attempt that sends the chat body on the upstream's pool (what the pipeline does)."""
     body = dumps(CHAT_BODY)
 
-    async def attempt(upstream: Upstream) -> UnaryResult:
+    async def attempt(upstream: Upstream, deadline: float) -> UnaryResult:
         if calls is not None:
             calls.append(upstream.name)
-        return await send_unary(upstream, "POST", "/chat/completions", body, CIMultiDict(headers or {}))
+        return await send_unary(upstream, deadline, "POST", "/chat/completions", body,
+                                CIMultiDict(headers or {}))
 
     return attempt
 
 
 def scripted(outcomes: list[BaseException | None], calls: list[str]
-             ) -> Callable[[Upstream], Awaitable[str]]:
+             ) -> Callable[[Upstream, float], Awaitable[str]]:
     """An attempt that raises the next scripted error, or returns the upstream's name."""
     script = iter(outcomes)
 
-    async def attempt(upstream: Upstream) -> str:
+    async def attempt(upstream: Upstream, deadline: float) -> str:
         calls.append(upstream.name)
         outcome = next(script)
         if outcome is not None:
@@ -677,11 +678,11 @@ async def test_dispatch_stale_connection_is_retried_once_without_counting_a_retr
     calls: list[str] = []
     real = unary()
 
-    async def attempt(upstream: Upstream) -> UnaryResult:
+    async def attempt(upstream: Upstream, deadline: float) -> UnaryResult:
         calls.append(upstream.name)
         if len(calls) == 1:
             raise stale()
-        return await real(upstream)
+        return await real(upstream, deadline)
 
     assert (await dispatcher.run(ROUTE, attempt)).status == 200
     assert calls == ["a", "a"]
@@ -779,7 +780,7 @@ async def test_dispatch_failure_of_a_non_gateway_error_still_releases(cluster: C
     await cluster.add("a", MockConfig())
     dispatcher = cluster.dispatcher()
 
-    async def attempt(upstream: Upstream) -> None:
+    async def attempt(upstream: Upstream, deadline: float) -> None:
         raise RuntimeError("bug in the attempt")
 
     with pytest.raises(RuntimeError):

@@ -596,6 +596,22 @@ async def test_first_byte_timeout_is_504(start_gateway: StartGateway, stream: bo
         assert time.monotonic() - started < 1.0
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_one_first_byte_deadline_bounds_all_attempts_together(
+        start_gateway: StartGateway, mock_upstream: MockUpstream, stream: bool) -> None:
+    """Five attempts allowed, each would time out at first_byte: the client still gets its
+    504 after about one first_byte, not five (the retries spend the same deadline)."""
+    gateway = await start_gateway(upstreams={"mock": {"timeouts": {"first_byte": "400ms"}}},
+                                  routing={"retry": {"attempts": 5, "backoff_base": "1ms"}})
+    async with aiohttp.ClientSession(base_url=gateway.url, headers=AUTH) as session:
+        started = time.monotonic()
+        async with session.post("/v1/chat/completions", json={**CHAT, "stream": stream},
+                                headers={"x-mock-ttft-ms": "3000"}) as resp:
+            await error_of(resp, 504)
+        assert time.monotonic() - started < 1.0
+    assert (await mock_upstream.stats())["requests"] == 1
+
+
 async def test_one_first_byte_deadline_spans_the_headers_and_the_first_event(
         start_gateway: StartGateway) -> None:
     """Headers after 0.35 s and the first event 0.35 s later: each wait is under
