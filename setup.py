@@ -17,6 +17,7 @@ setup(
         "PyYAML>=6.0.2",
         "pydantic>=2.9",
         "orjson>=3.10",
+        "msgspec>=0.19",  # decodes only the request fields the gateway reads
         "prometheus-client>=0.21",
         "redis>=5.2",
         "hiredis>=3.0",  # C reply parser for redis-py (the limits hot path)

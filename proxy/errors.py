@@ -9,6 +9,7 @@ Class tree (the HTTP status each answers with)::
     ├── NotFoundError (404)
     │   └── ModelNotFoundError (404 model_not_found)
     ├── MethodNotAllowedError (405)
+    ├── ExpectationFailedError (417)
     ├── RateLimitError (429 requests | tokens | insufficient_quota)
     ├── OverloadedError (503 overloaded)
     └── UpstreamError (502 upstream_error)
@@ -150,6 +151,14 @@ class MethodNotAllowedError(GatewayError):
     status = 405
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class ExpectationFailedError(GatewayError):
+    """An ``Expect`` header other than ``100-continue`` (417, RFC 9110 §10.1.1)."""
+
+    status = 417
+    error_type = "invalid_request_error"
+    default_code = "expectation_failed"
 
 
 class RateLimitError(GatewayError):

@@ -22,6 +22,7 @@ from proxy import pipeline
 from proxy.auth import Principal
 from proxy.config import model_matches
 from proxy.errors import (
+    ExpectationFailedError,
     GatewayError,
     InvalidRequestError,
     MethodNotAllowedError,
@@ -181,6 +182,29 @@ async def read_body(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
+
+
+async def check_before_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` (RFC 9110 §10.1.1): check the key and the declared
+    ``Content-Length`` before inviting the body, so a refused upload is never sent. Returns
+    the error response (401, 413) that ends the request, or ``None`` after ``100 Continue``
+    (the model and limits are checked once the body is read, before any upstream)."""
+    try:
+        request.app[GATEWAY].keys.authenticate(request.headers)
+        limit = request.app[GATEWAY].settings.server.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(request)
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise ExpectationFailedError("Only `Expect: 100-continue` is supported.")
+    except GatewayError as exc:
+        request[REQUEST_ID] = new_request_id()
+        response = error_response(exc)
+        response.force_close()  # the client may send the body anyway: do not read it
+        return response
+    if request.version >= aiohttp.HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim response is not part of the answer
+    return None
 
 
 def authenticate(request: web.Request) -> Principal:
@@ -514,7 +538,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     """Register every route of DESIGN §4 "HTTP endpoints"."""
     for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES):
-        app.router.add_post("/v1" + endpoint.path, inference_handler(endpoint))
+        app.router.add_post("/v1" + endpoint.path, inference_handler(endpoint),
+                            expect_handler=check_before_continue)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/v1/streams/{stream_id}", stream_resume)
@@ -523,4 +548,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_route("*", "/v1/{tail:.*}", passthrough)
+    app.router.add_route("*", "/v1/{tail:.*}", passthrough, expect_handler=check_before_continue)

@@ -37,7 +37,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -655,7 +655,7 @@ def usage_counts(usage: dict[str, object] | None) -> tuple[int, int] | None:
     return prompt, completion
 
 
-def completion_reserve(payload: dict[str, object], default_tokens: int, generates: bool = True) -> int:
+def completion_reserve(payload: Mapping[str, object], default_tokens: int, generates: bool = True) -> int:
     """Completion tokens to reserve: ``max_completion_tokens``, ``max_tokens`` or
     ``max_output_tokens`` (else ``default_tokens``), times ``n``; 0 when the endpoint does
     not generate (embeddings)."""

@@ -252,7 +252,8 @@ async def acquire(gateway: Gateway, principal: Principal, request: InferenceRequ
         RateLimitError: a limit is reached (429 with ``retry-after`` and ``x-ratelimit-*``).
     """
     charge = Charge(estimate_prompt_tokens(len(request.raw)), completion_reserve(
-        request.payload, gateway.settings.limits.default_reserve_tokens, request.endpoint.streams))
+        request.head.limit_fields(), gateway.settings.limits.default_reserve_tokens,
+        request.endpoint.streams))
     try:
         charge.lease = await gateway.limiter.acquire(gateway.demands.demand(
             principal.name, request.model, charge.prompt_estimate, charge.completion_reserve))

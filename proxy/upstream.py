@@ -11,6 +11,7 @@ are never followed (a redirect from an upstream is answered to the client as the
 from __future__ import annotations
 
 import asyncio
+import io
 import math
 from typing import Any
 
@@ -35,6 +36,11 @@ JSONDict = dict[str, Any]
 
 #: The retry hint sent with an upstream 429/503 that gave none, in seconds.
 DEFAULT_RETRY_AFTER_S = 1.0
+
+#: Request bodies larger than this are handed to aiohttp as a file-like object, which it
+#: writes in pieces, awaiting each (a bytes body is written whole in one call; aiohttp warns
+#: that this "might lock the event loop" past 1 MiB).
+LARGE_BODY_BYTES = 2**20
 
 #: aiohttp's response read buffer; reading pauses the socket at twice this (plus one socket read).
 READ_BUFFER_BYTES = 64 * 1024
@@ -177,9 +183,12 @@ class Upstream:
             UpstreamTimeoutError: a timeout (504).
         Cancelling is safe: aiohttp closes the half-sent connection.
         """
+        data: bytes | io.BytesIO | None = body
+        if body is not None and len(body) > LARGE_BODY_BYTES:
+            data = io.BytesIO(body)  # written in pieces, each awaited (aiohttp's BytesIOPayload)
         try:
             return await self.session.request(
-                method, self.url(path, query_string), data=body, allow_redirects=False,
+                method, self.url(path, query_string), data=data, allow_redirects=False,
                 headers=self.request_headers(headers, keep_encoding=passthrough),
                 auto_decompress=not passthrough,
                 timeout=client_timeout if client_timeout is not None else self.session.timeout)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,7 +128,31 @@ def test_parse_reads_model_stream_and_usage_wish(body: dict[str, Any], stream: b
     assert parsed.stream is stream
     assert parsed.client_wants_usage is wants_usage
     assert parsed.raw is raw
-    assert parsed.payload == body
+    assert parsed.head.model == "m"
+
+
+def test_parse_does_not_build_the_fields_it_does_not_read() -> None:
+    """A body of 3.4 million empty messages decodes to its few read fields, not to millions
+    of dicts: the peak of Python allocations stays a tiny fraction of the body's size."""
+    raw = b'{"model":"m","messages":[' + b",".join([b"{}"] * 3_400_000) + b'],"stream":true}'
+    tracemalloc.start()
+    try:
+        parsed = parse_inference(CHAT, raw)
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (parsed.model, parsed.stream) == ("m", True)
+    assert peak_bytes < len(raw) // 100, peak_bytes
+
+
+def test_upstream_body_rewrites_only_the_top_level() -> None:
+    """Injecting include_usage copies every other value as the raw JSON it was (spacing,
+    key order and number spelling inside it untouched)."""
+    raw = b'{"model":"m","stream":true,"messages":[{ "role" : "user", "content":"1.50e1" , "x": 1.50}]}'
+    out, injected = parse_inference(CHAT, raw).upstream_body(True)
+    assert injected is True
+    assert b'[{ "role" : "user", "content":"1.50e1" , "x": 1.50}]' in out
+    assert orjson.loads(out)["stream_options"] == {"include_usage": True}
 
 
 # --- InferenceRequest.upstream_body ----------------------------------------------------------
