@@ -51,6 +51,7 @@ from proxy.relay import (
     send_unary,
 )
 from proxy.streams import (
+    StreamCancelledError,
     StreamLog,
     StreamNotFoundError,
     StreamReader,
@@ -228,15 +229,11 @@ async def run(gateway: Gateway, call: Call) -> Answer:
         replay = await _replay_idempotent(gateway, call)
         if replay is not None:
             return replay
-    charge = await acquire(gateway, call.principal, request)
-    route = Route(request.model, call.principal.models, call.principal.priority)
-    try:
-        if request.stream:
-            return await start_stream(gateway, call, request, route, charge)
-        return await answer_unary(gateway, call, request, route, charge)
-    except GatewayError as exc:
-        exc.extra_headers.update(charge.headers)
-        raise
+    # From a first use of an Idempotency-Key to its registration below nothing awaits, so a
+    # concurrent duplicate always finds it (and waits for what it started).
+    if request.stream:
+        return await start_stream(gateway, call, request)
+    return await answer_unary(gateway, call, request)
 
 
 def _note_model(model: str) -> None:
@@ -281,16 +278,26 @@ async def settle(gateway: Gateway, charge: Charge, model: str, counts: tuple[int
 # --- unary ----------------------------------------------------------------------------------
 
 
-async def answer_unary(gateway: Gateway, call: Call, request: InferenceRequest, route: Route,
-                       charge: Charge) -> UnaryAnswer:
-    """Dispatch a whole answer (with failover) and settle with the upstream's usage. With an
-    ``Idempotency-Key`` the work runs in a task the registry owns, so a repeat of the key
-    (even while this one runs) gets the same answer from one upstream call."""
-    work = _unary(gateway, call, request, route, charge)
+async def answer_unary(gateway: Gateway, call: Call, request: InferenceRequest) -> UnaryAnswer:
+    """Acquire limits, dispatch a whole answer (with failover) and settle with the upstream's
+    usage. With an ``Idempotency-Key`` the work runs in a task the registry owns (registered
+    before anything awaits), so a repeat of the key, even while this one runs, gets the same
+    answer from one upstream call."""
+    work = _acquire_and_answer(gateway, call, request)
     if call.idempotency_key is None:
         return await work
     task = gateway.streams.remember_answer(call.principal.name, call.idempotency_key, call.body, work)
     return await asyncio.shield(task)
+
+
+async def _acquire_and_answer(gateway: Gateway, call: Call, request: InferenceRequest) -> UnaryAnswer:
+    charge = await acquire(gateway, call.principal, request)
+    route = Route(request.model, call.principal.models, call.principal.priority)
+    try:
+        return await _unary(gateway, call, request, route, charge)
+    except GatewayError as exc:
+        exc.extra_headers.update(charge.headers)
+        raise
 
 
 async def _unary(gateway: Gateway, call: Call, request: InferenceRequest, route: Route,
@@ -323,34 +330,44 @@ async def _unary(gateway: Gateway, call: Call, request: InferenceRequest, route:
 # --- streams --------------------------------------------------------------------------------
 
 
-async def start_stream(gateway: Gateway, call: Call, request: InferenceRequest, route: Route,
-                       charge: Charge) -> StreamAnswer:
-    """Create the stream log, start its producer (owned by the registry, mirrored to Redis
-    when shared), attach the caller as its first reader and wait for the first event.
+async def start_stream(gateway: Gateway, call: Call, request: InferenceRequest) -> StreamAnswer:
+    """Create the stream log (registered under its ``Idempotency-Key`` at once), acquire
+    limits, start its producer (owned by the registry, mirrored to Redis when shared),
+    attach the caller as its first reader and wait for the first event.
 
     Raises:
         OverloadedError: ``streams.max_total_bytes`` is reached (503).
+        RateLimitError: a limit is reached (429; the log ends with it, so a duplicate
+            request with the same ``Idempotency-Key`` gets the same answer).
         GatewayError: the upstream failed before the first event (its real HTTP status).
     """
     streams = gateway.streams
-    try:
-        log = streams.create(call.principal.name)
-    except GatewayError:
-        await settle(gateway, charge, request.model, (0, 0))
-        raise
-    log.headers = {**charge.headers, "X-Stream-Id": log.stream_id}
+    log = streams.create(call.principal.name)
     log.endpoint = request.endpoint.name
     _note_stream(log.stream_id)
+    if call.idempotency_key is not None:
+        streams.remember_stream(call.principal.name, call.idempotency_key, call.body, log)
+    reader = streams.attach(log, 0)
+    try:
+        charge = await acquire(gateway, call.principal, request)
+    except BaseException as exc:
+        streams.abandon(log, exc if isinstance(exc, GatewayError) else StreamCancelledError(),
+                        keep=call.idempotency_key is not None)
+        reader.close()
+        raise
+    log.headers = {**charge.headers, "X-Stream-Id": log.stream_id}
+    route = Route(request.model, call.principal.models, call.principal.priority)
     job = StreamJob(request, route, call.headers, log,
                     on_response_id=lambda response_id: streams.name_response(log, response_id))
-    reader = streams.attach(log, 0)
     streams.start(log, produce_and_settle(gateway, job, charge))
     gateway.metrics.streams_started.inc()
     if gateway.remote_streams is not None:
         gateway.remote_streams.mirror(log, on_cancel=lambda: streams.cancel(log))
-    if call.idempotency_key is not None:
-        streams.remember_stream(call.principal.name, call.idempotency_key, call.body, log)
-    answer = await _first_event(reader, cancel_if_left=call.idempotency_key is None)
+    try:
+        answer = await _first_event(reader, cancel_if_left=call.idempotency_key is None)
+    except GatewayError as exc:
+        exc.extra_headers.update(charge.headers)
+        raise
     answer.metering = job.metering
     return answer
 

@@ -610,6 +610,17 @@ class StreamRegistry:
             log.finished_at = self._clock()  # retention runs on the registry's clock
             self._finished[log.stream_id] = log
 
+    def abandon(self, log: StreamLog, error: GatewayError, *, keep: bool) -> None:
+        """End ``log`` before it got a producer (its request was refused, e.g. by a rate
+        limit): its readers get ``error``. With ``keep`` (it has an ``Idempotency-Key``) the
+        log is kept ``retention_s`` like any finished one, so duplicates get the same
+        answer; otherwise it is dropped at once."""
+        log.fail(error, error_frame(error))
+        if keep:
+            self._producer_ended(log)
+        else:
+            self._evict(log)
+
     def get(self, stream_id: str, owner: str) -> StreamLog | None:
         """The log ``stream_id`` if it is held and belongs to ``owner``, else ``None``."""
         self._expire()

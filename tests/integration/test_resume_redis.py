@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
+import pytest
 
 from scripts.mock_upstream import expected_text
 from tests.conftest import CLIENT_KEY, OTHER_KEY, MockUpstream, base_config, merge
@@ -283,3 +284,28 @@ async def test_a_resume_on_the_other_instance_waits_for_the_copy_to_catch_up(
     async with aiohttp.ClientSession() as session:
         texts = await asyncio.gather(*(cut_and_resume(session, keep) for keep in [1, 20] * 12))
     assert texts == [expected_text(40)] * 24
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_concurrent_duplicates_of_an_idempotency_key_make_one_upstream_call_with_redis_limits(
+        mock_upstream: MockUpstream, redis_server: RedisServer,
+        gateway_process: StartGatewayProcess, stream: bool) -> None:
+    """With limits in Redis the limit check awaits a round trip; a duplicate arriving
+    meanwhile must still find the first request (it is registered before that await)."""
+    config = merge(shared_config(mock_upstream, redis_server),
+                   {"keys": {"tester": {"rpm": 6000, "tpm": 10_000_000}}})
+    gateway = await gateway_process(config)
+    body = {**STREAM_CHAT, "stream": stream}
+    headers = {**slow_tokens(8, 5), "Idempotency-Key": "order-42"}
+    async with aiohttp.ClientSession() as session:
+
+        async def post() -> bytes:
+            async with session.post(gateway.url + "/v1/chat/completions", json=body,
+                                    headers=headers) as resp:
+                assert resp.status == 200
+                assert "x-ratelimit-limit-requests" in resp.headers
+                return await resp.read()
+
+        answers = await asyncio.gather(*(post() for _ in range(5)))
+    assert (await mock_upstream.stats())["requests"] == 1
+    assert answers == [answers[0]] * 5
