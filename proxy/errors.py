@@ -189,13 +189,16 @@ class UpstreamError(GatewayError):
 
 class UpstreamConnectionError(UpstreamError):
     """Connecting to or reading from the upstream failed (502). ``stale``: a pooled
-    keep-alive connection was found closed before any of the response arrived."""
+    keep-alive connection was found closed before any of the response arrived. ``local``:
+    the gateway itself could not connect (out of file descriptors, sockets or ephemeral
+    ports): not the upstream's fault, so it never counts toward outlier ejection."""
 
     default_code = "upstream_connection_error"
 
-    def __init__(self, message: str, *, stale: bool = False, **kwargs: Any) -> None:
+    def __init__(self, message: str, *, stale: bool = False, local: bool = False, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.stale = stale
+        self.local = local
 
 
 class UpstreamInvalidResponseError(UpstreamError):

@@ -465,9 +465,14 @@ class Dispatcher:
         elif isinstance(error, UpstreamStatusError) and error.upstream_status < 500:
             self.balancer.record_success(name)
         elif not (isinstance(error, UpstreamConnectionError) and error.stale) \
-                and self.balancer.record_failure(name):
+                and self.balancer.record_failure(name, local=_is_local(error)):
             self.events.count_ejection(name)
             error_log.warning("upstream ejected", extra={"upstream": name})
+
+
+def _is_local(error: GatewayError) -> bool:
+    """Whether the gateway caused ``error`` itself (see ``UpstreamConnectionError.local``)."""
+    return isinstance(error, UpstreamConnectionError) and error.local
 
 
 def _error_kind(error: GatewayError) -> str:

@@ -11,6 +11,7 @@ are never followed (a redirect from an upstream is answered to the client as the
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import math
 from typing import Any
@@ -33,6 +34,11 @@ from proxy.errors import (
 from proxy.sse import SSEError
 
 JSONDict = dict[str, Any]
+
+#: Connect failures that are the gateway's own (out of descriptors, buffers, memory or
+#: ephemeral ports): nothing reached the upstream, so they never count against it.
+LOCAL_CONNECT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                                  errno.EADDRNOTAVAIL})
 
 #: The retry hint sent with an upstream 429/503 that gave none, in seconds.
 DEFAULT_RETRY_AFTER_S = 1.0
@@ -402,4 +408,9 @@ def request_error(upstream: Upstream, exc: BaseException) -> GatewayError:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return UpstreamConnectionError(f"Upstream {upstream.name} closed a pooled connection.",
                                        stale=True)
+    if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno in LOCAL_CONNECT_ERRNOS:
+        return UpstreamConnectionError(
+            f"The gateway could not open a connection to upstream {upstream.name} "
+            f"({errno.errorcode.get(exc.os_error.errno or 0, 'error')}: it is short of sockets).",
+            local=True)
     return map_client_error(upstream, exc)

@@ -1,14 +1,17 @@
-"""proxy/balancer.py: model routing, health (probes, outlier ejection, cooldown), tiers, the
-weighted power-of-two-choices pick, and the retry budget. Sans-I/O: a fake clock and a seeded
-rng drive everything."""
+"""proxy/balancer.py: model routing, health (probes, outlier ejection, cooldown), tiers, panic,
+the weighted power-of-two-choices pick, and the retry budget. Sans-I/O: a fake clock and a
+seeded rng drive everything."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
 from proxy.errors import ModelNotFoundError, OverloadedError, RateLimitError
@@ -36,11 +39,15 @@ def specs(*items: DeploymentSpec) -> dict[str, DeploymentSpec]:
 def make(*items: DeploymentSpec, clock: FakeClock | None = None, seed: int = 7,
          model_upstreams: dict[str, tuple[str, ...]] | None = None,
          max_ejection_percent: float = 50.0,
-         in_flight: dict[str, int] | None = None) -> Balancer:
+         in_flight: dict[str, int] | None = None, panic_threshold_percent: float = 50.0,
+         panics: list[tuple[str, tuple[str, ...]]] | None = None) -> Balancer:
     counts = in_flight if in_flight is not None else {}
+    seen = panics if panics is not None else []
     return Balancer(specs(*items), model_upstreams, max_ejection_percent,
                     in_flight=lambda name: counts.get(name, 0),
-                    clock=clock or FakeClock(), rng=random.Random(seed))
+                    clock=clock or FakeClock(), rng=random.Random(seed),
+                    panic_threshold_percent=panic_threshold_percent,
+                    on_panic=lambda model, names: seen.append((model, names)))
 
 
 @pytest.fixture
@@ -286,13 +293,15 @@ def test_max_ejection_percent_lets_at_least_one_out(clock: FakeClock, percent: f
     assert balancer.candidates("m", ANY) == ["a", "c"]  # b, the newest, is the one kept out
 
 
-def test_single_deployment_ejected_is_unavailable(clock: FakeClock) -> None:
+def test_single_deployment_ejected_without_panic_is_unavailable(clock: FakeClock) -> None:
     balancer = make(DeploymentSpec("only", ("m",), consecutive_failures=1, base_ejection_s=30.0),
-                    clock=clock, max_ejection_percent=50)
+                    clock=clock, max_ejection_percent=50, panic_threshold_percent=0)
     balancer.record_failure("only")
     with pytest.raises(OverloadedError) as info:
         balancer.candidates("m", ANY)
     assert info.value.retry_after_s == pytest.approx(30.0)
+    assert not balancer.any_healthy()
+    assert balancer.panics == 0
 
 
 # --- cooldown (429) --------------------------------------------------------------------------
@@ -329,11 +338,18 @@ def test_all_cooling_down_is_429_with_the_shortest_wait(clock: FakeClock) -> Non
     assert "`m`" in err.message
 
 
-def test_cooling_down_and_ejected_is_503_no_healthy_upstream(clock: FakeClock) -> None:
-    balancer = pair(clock)
+@pytest.mark.parametrize("threshold", [0.0, 50.0])
+def test_cooling_down_and_ejected(clock: FakeClock, threshold: float) -> None:
+    # The cooling-down a is out of the panic arithmetic: b is all that is left, so in panic
+    # it takes the traffic; with panic off the answer is 503 no_healthy_upstream.
+    balancer = make(DeploymentSpec("a", ("m",)), DeploymentSpec("b", ("m",)), clock=clock,
+                    panic_threshold_percent=threshold)
     balancer.record_rate_limited("a", 12.0)
     for _ in range(balancer.specs["b"].consecutive_failures):
         balancer.record_failure("b")
+    if threshold:
+        assert balancer.candidates("m", ANY) == ["b"]
+        return
     with pytest.raises(OverloadedError) as info:
         balancer.candidates("m", ANY)
     assert info.value.http_status == 503
@@ -353,7 +369,8 @@ def test_cooldown_retry_hint_is_the_exact_wait(clock: FakeClock) -> None:
 
 
 def test_ejection_retry_hint_is_at_least_one_second(clock: FakeClock) -> None:
-    balancer = make(DeploymentSpec("a", ("m",), consecutive_failures=1, base_ejection_s=0.2), clock=clock)
+    balancer = make(DeploymentSpec("a", ("m",), consecutive_failures=1, base_ejection_s=0.2), clock=clock,
+                    panic_threshold_percent=0)
     balancer.record_failure("a")
     with pytest.raises(OverloadedError) as info:
         balancer.candidates("m", ANY)
@@ -368,6 +385,220 @@ def test_all_unhealthy_is_503_with_a_default_hint(clock: FakeClock) -> None:
         balancer.candidates("m", ANY)
     assert info.value.code == "no_healthy_upstream"
     assert info.value.retry_after_s == 5.0
+
+
+# --- panic (Envoy's panic threshold) ---------------------------------------------------------
+
+
+def test_single_deployment_ejected_is_still_routed_in_panic(clock: FakeClock) -> None:
+    # The 10,000-stream incident: the only deployment of a model was ejected; it must still
+    # get the traffic (0 % healthy < 50 %), not a 503.
+    panics: list[tuple[str, tuple[str, ...]]] = []
+    balancer = make(DeploymentSpec("only", ("m",), consecutive_failures=1), clock=clock, panics=panics)
+    assert balancer.record_failure("only") is True
+    assert balancer.status("only") == "ejected"
+    assert balancer.candidates("m", ANY) == ["only"]
+    assert balancer.candidates("m", ANY, frozenset({"only"})) == ["only"]  # the retry too
+    assert balancer.any_healthy()
+    assert balancer.panic_models() == ["m"]
+    assert repr(balancer) == "<Balancer [only: ejected | panic: m]>"
+    assert (balancer.panics, panics) == (1, [("m", ("only",))])
+
+
+def test_entering_panic_is_counted_once_per_episode(clock: FakeClock) -> None:
+    panics: list[tuple[str, tuple[str, ...]]] = []
+    balancer = make(DeploymentSpec("a", ("m", "n"), consecutive_failures=1, base_ejection_s=10.0),
+                    clock=clock, panics=panics)
+    balancer.record_failure("a")
+    for _ in range(3):
+        balancer.candidates("m", ANY)
+    balancer.record_rate_limited("a", 0.5)  # a health change: worked out again, still in panic
+    clock.advance(0.6)
+    balancer.candidates("m", ANY)
+    balancer.candidates("n", ANY)
+    assert panics == [("m", ("a",)), ("n", ("a",))]
+    clock.advance(10)  # the ejection ends: no panic, even before the next request
+    assert balancer.panic_models() == []
+    assert repr(balancer) == "<Balancer [a: healthy]>"
+    assert balancer.candidates("m", ANY) == ["a"]
+    balancer.record_failure("a")  # a second episode counts again
+    balancer.candidates("m", ANY)
+    assert balancer.panics == 3
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(0.0, ["b"]), (50.0, ["b"]), (50.1, ["a", "b"]),
+                                                     (100.0, ["a", "b"])])
+def test_panic_starts_below_the_threshold(clock: FakeClock, threshold: float, expected: list[str]) -> None:
+    # One of two ejected: 50 % healthy. Envoy's rule is "below": 50 % is not in panic at 50.
+    balancer = make(DeploymentSpec("a", ("m",), consecutive_failures=1), DeploymentSpec("b", ("m",)),
+                    clock=clock, panic_threshold_percent=threshold)
+    balancer.record_failure("a")
+    assert balancer.candidates("m", ANY) == expected
+    assert balancer.panic_models() == (["m"] if len(expected) == 2 else [])
+
+
+def test_panic_spreads_over_ejected_but_never_probe_unhealthy_ones(clock: FakeClock) -> None:
+    # 1 healthy of 4 (25 %): the ejected one joins it; the two that probes found down do not.
+    balancer = make(*(DeploymentSpec(n, ("m",), consecutive_failures=1, unhealthy_threshold=1)
+                      for n in ("ok", "ejected", "down1", "down2")),
+                    clock=clock, max_ejection_percent=100)
+    balancer.record_failure("ejected")
+    balancer.record_probe("down1", False)
+    balancer.record_probe("down2", False)
+    assert balancer.candidates("m", ANY) == ["ok", "ejected"]
+    lower = make(*(DeploymentSpec(n, ("m",), consecutive_failures=1, unhealthy_threshold=1)
+                   for n in ("ok", "ejected", "down1", "down2")),
+                 clock=clock, max_ejection_percent=100, panic_threshold_percent=20)
+    lower.record_failure("ejected")
+    lower.record_probe("down1", False)
+    lower.record_probe("down2", False)
+    assert lower.candidates("m", ANY) == ["ok"]  # 25 % is not below 20 %
+
+
+def test_only_probe_unhealthy_left_is_503_even_in_panic(clock: FakeClock) -> None:
+    balancer = make(DeploymentSpec("only", ("m",), unhealthy_threshold=1), clock=clock)
+    balancer.record_probe("only", False)
+    with pytest.raises(OverloadedError) as info:
+        balancer.candidates("m", ANY)
+    assert info.value.code == "no_healthy_upstream"
+    assert not balancer.any_healthy()
+
+
+def test_cooldown_stays_out_in_panic_and_keeps_its_429(clock: FakeClock) -> None:
+    balancer = make(DeploymentSpec("only", ("m",), consecutive_failures=1), clock=clock)
+    balancer.record_failure("only")
+    balancer.record_rate_limited("only", 3.0)  # the upstream asked to wait: that holds
+    with pytest.raises(RateLimitError) as info:
+        balancer.candidates("m", ANY)
+    assert info.value.retry_after_s == pytest.approx(3.0)
+    assert balancer.any_healthy()  # rate-limited is alive
+    clock.advance(3.1)
+    assert balancer.candidates("m", ANY) == ["only"]  # still ejected: routed in panic
+
+
+def test_cooling_down_deployments_are_out_of_the_panic_arithmetic(clock: FakeClock) -> None:
+    names = ("cool", "ejected", "down", "ok")
+    balancer = make(*(DeploymentSpec(n, ("m",), consecutive_failures=1, unhealthy_threshold=1)
+                      for n in names), clock=clock, max_ejection_percent=100)
+    balancer.record_rate_limited("cool", 60)
+    balancer.record_failure("ejected")
+    balancer.record_probe("down", False)
+    # Of the three not cooling down only "ok" is healthy (33 %): panic adds "ejected".
+    assert balancer.candidates("m", ANY) == ["ejected", "ok"]
+
+
+def test_panic_never_pulls_traffic_back_to_a_tier_with_nothing_healthy(clock: FakeClock) -> None:
+    balancer = make(DeploymentSpec("p0-a", ("m",), consecutive_failures=1),
+                    DeploymentSpec("p0-b", ("m",), consecutive_failures=1),
+                    DeploymentSpec("p1", ("m",), priority=1),
+                    clock=clock, max_ejection_percent=100)
+    balancer.record_failure("p0-a")
+    balancer.record_failure("p0-b")
+    assert balancer.candidates("m", ANY) == ["p1"]  # tier 1 is healthy: plain failover
+    assert balancer.panic_models() == []
+
+
+def test_nothing_healthy_anywhere_panics_in_the_best_tier_with_an_ejected_one(clock: FakeClock) -> None:
+    balancer = make(DeploymentSpec("p0", ("m",), unhealthy_threshold=1),
+                    DeploymentSpec("p1-a", ("m",), priority=1, consecutive_failures=1),
+                    DeploymentSpec("p1-b", ("m",), priority=1, consecutive_failures=1),
+                    DeploymentSpec("p2", ("m",), priority=2, consecutive_failures=1),
+                    clock=clock, max_ejection_percent=100)
+    balancer.record_probe("p0", False)
+    for name in ("p1-a", "p1-b", "p2"):
+        balancer.record_failure(name)
+    assert balancer.candidates("m", ANY) == ["p1-a", "p1-b"]
+    assert balancer.candidates("m", ANY, frozenset({"p1-a", "p1-b"})) == ["p2"]  # then fail over
+    assert balancer.panic_models() == ["m"]
+
+
+def test_panic_in_the_serving_tier_keeps_lower_tiers_for_failover(clock: FakeClock) -> None:
+    balancer = make(*(DeploymentSpec(n, ("m",), consecutive_failures=1, unhealthy_threshold=1)
+                      for n in ("ok", "ejected", "down")),
+                    DeploymentSpec("p1", ("m",), priority=1), clock=clock, max_ejection_percent=100)
+    balancer.record_failure("ejected")
+    balancer.record_probe("down", False)
+    assert balancer.candidates("m", ANY) == ["ok", "ejected"]  # tier 0: 1 of 3 healthy
+    assert balancer.candidates("m", ANY, frozenset({"ok", "ejected"})) == ["p1"]
+
+
+def test_local_failures_are_not_held_against_the_upstream(clock: FakeClock) -> None:
+    balancer = pair(clock, consecutive_failures=3)
+    fail(balancer, "a", 2)
+    assert [balancer.record_failure("a", local=True) for _ in range(10)] == [False] * 10
+    assert balancer.status("a") == "healthy"
+    assert balancer.local_failures == 10
+    assert balancer.health["a"].consecutive_failures == 2  # neither counted nor reset
+    assert balancer.record_failure("a") is True
+
+
+# The property below: random health per deployment, tiers, thresholds and max_ejection_percent.
+STATES = ("healthy", "unhealthy", "ejected", "cooldown", "ejected+cooldown", "unhealthy+cooldown")
+fleets = st.lists(st.tuples(st.sampled_from(STATES), st.integers(0, 2)), min_size=1, max_size=7)
+percents = st.one_of(st.sampled_from([0.0, 1.0, 50.0, 100.0]), st.floats(0, 100))
+
+
+def build_fleet(fleet: list[tuple[str, int]], threshold: float, max_ejection: float
+                ) -> tuple[Balancer, list[str]]:
+    """A balancer over ``d0..dn`` in the drawn states; returns it and the ejection order."""
+    clock = FakeClock()
+    balancer = make(*(DeploymentSpec(f"d{i}", ("m",), priority=tier, consecutive_failures=1,
+                                     unhealthy_threshold=1, base_ejection_s=1000.0)
+                      for i, (_, tier) in enumerate(fleet)),
+                    clock=clock, max_ejection_percent=max_ejection, panic_threshold_percent=threshold)
+    order = []
+    for i, (state, _) in enumerate(fleet):
+        name = f"d{i}"
+        if "ejected" in state:
+            assert balancer.record_failure(name)
+            order.append(name)
+            clock.advance(1)
+        if "unhealthy" in state:
+            balancer.record_probe(name, False)
+        if "cooldown" in state:
+            balancer.record_rate_limited(name, 500)
+    return balancer, order
+
+
+@settings(max_examples=600, deadline=None)
+@given(fleet=fleets, threshold=percents, max_ejection=percents)
+def test_panic_property(fleet: list[tuple[str, int]], threshold: float, max_ejection: float) -> None:
+    balancer, ejection_order = build_fleet(fleet, threshold, max_ejection)
+    names = [f"d{i}" for i in range(len(fleet))]
+    tier = {f"d{i}": t for i, (_, t) in enumerate(fleet)}
+    state = {f"d{i}": s for i, (s, _) in enumerate(fleet)}
+    probe_ok = {n for n in names if "unhealthy" not in state[n]}
+    open_ = {n for n in probe_ok if "cooldown" not in state[n]}  # may take traffic at all
+    ejected = [n for n in reversed(ejection_order) if n in probe_ok]  # newest first
+    kept_out = set(ejected[:max(1, math.floor(len(names) * max_ejection / 100))])
+    healthy = open_ - kept_out
+
+    try:
+        chosen = balancer.candidates("m", ANY)
+    except (OverloadedError, RateLimitError):
+        # Only when nothing is left but probe-unhealthy and cooling-down deployments, or
+        # with panic off and nothing healthy.
+        assert not open_ or (threshold == 0 and not healthy)
+        return
+    assert chosen
+    assert set(chosen) <= open_  # never a probe-unhealthy or cooling-down one, even in panic
+    served = {tier[n] for n in chosen}
+    assert len(served) == 1  # one tier at a time ...
+    best = served.pop()
+    # ... the best with a healthy deployment, else (panic) the best with any that may serve.
+    assert best == min(tier[n] for n in (healthy or open_))
+    members = [n for n in names if tier[n] == best and "cooldown" not in state[n]]
+    up = [n for n in members if n in healthy]
+    if len(up) * 100 >= threshold * len(members):
+        assert chosen == up  # at or above the threshold: the healthy ones, all of them
+        assert balancer.panic_models() == []
+    else:
+        assert chosen == [n for n in members if n in open_]  # panic: ejected ones join
+        assert balancer.panic_models() == ["m"]
+    assert balancer.any_healthy() == (bool(probe_ok) if threshold > 0 else True)
+    # A retry goes to a deployment not tried yet when one may serve, else back to the same.
+    retry = balancer.candidates("m", ANY, frozenset(chosen))
+    assert retry == chosen or (not set(retry) & set(chosen) and min(tier[n] for n in retry) > best)
 
 
 # --- status / any_healthy / repr -------------------------------------------------------------
@@ -386,13 +617,37 @@ def test_status_any_healthy_and_repr(clock: FakeClock) -> None:
     assert balancer.any_healthy()  # cooling down is still healthy (ready)
     clock.advance(5.1)
     assert balancer.status("c") == "healthy"
+    # a down by probe, b ejected: in panic b still takes traffic, so the gateway is ready.
     only_bad = make(DeploymentSpec("a", ("m",), unhealthy_threshold=1),
                     DeploymentSpec("b", ("m",), consecutive_failures=1), clock=clock)
     only_bad.record_probe("a", False)
     only_bad.record_failure("b")
-    assert not only_bad.any_healthy()
-    clock.advance(31)
     assert only_bad.any_healthy()
+    assert only_bad.candidates("m", ANY) == ["b"]
+    assert repr(only_bad) == "<Balancer [a: unhealthy, b: ejected | panic: m]>"
+    # With panic off nothing takes traffic until the ejection ends.
+    no_panic = make(DeploymentSpec("a", ("m",), unhealthy_threshold=1),
+                    DeploymentSpec("b", ("m",), consecutive_failures=1), clock=clock,
+                    panic_threshold_percent=0)
+    no_panic.record_probe("a", False)
+    no_panic.record_failure("b")
+    assert not no_panic.any_healthy()
+    clock.advance(31)
+    assert no_panic.any_healthy()
+
+
+def test_any_healthy_without_panic_counts_deployments_max_ejection_percent_lets_back(
+        clock: FakeClock) -> None:
+    # Both ejected, at most 50 % (one) kept out: a, the longest ejected, takes traffic again,
+    # and /readyz must agree (it used to answer not ready).
+    balancer = make(DeploymentSpec("a", ("m",), consecutive_failures=1),
+                    DeploymentSpec("b", ("m",), consecutive_failures=1), clock=clock,
+                    panic_threshold_percent=0)
+    balancer.record_failure("a")
+    clock.advance(1)
+    balancer.record_failure("b")
+    assert balancer.candidates("m", ANY) == ["a"]
+    assert balancer.any_healthy()
 
 
 # --- choose: weighted power of two choices ---------------------------------------------------

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import load_settings
-from proxy.upstream import Upstream, response_headers
+from proxy.errors import UpstreamConnectionError
+from proxy.upstream import Upstream, request_error, response_headers
 from tests.conftest import UPSTREAM_KEY, MockUpstream, base_config, merge
 
 
@@ -232,3 +236,15 @@ async def test_close_is_idempotent_and_closes_the_session(mock_upstream: MockUps
     assert up.pool_stats() == {"in_use": 0, "idle": 0}
     with pytest.raises(RuntimeError):
         _ = up.session
+
+
+@pytest.mark.parametrize(("code", "local"), [(errno.EMFILE, True), (errno.ENFILE, True),
+                                             (errno.EADDRNOTAVAIL, True), (errno.ECONNREFUSED, False)])
+def test_a_connect_failure_of_the_gateways_own_making_is_local(code: int, local: bool) -> None:
+    """Out of descriptors or ports, nothing reached the upstream: never held against it."""
+    upstream = make_upstream()
+    key = ConnectionKey("127.0.0.1", 9, False, True, None, None, None)
+    error = request_error(upstream, aiohttp.ClientConnectorError(key, OSError(code, os.strerror(code))))
+    assert isinstance(error, UpstreamConnectionError)
+    assert error.local is local
+    assert error.http_status == 502
