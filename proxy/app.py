@@ -26,10 +26,12 @@ from proxy.errors import OverloadedError
 from proxy.http_api import GATEWAY, add_request_id, add_routes, gateway_middleware
 from proxy.limits import DemandBuilder, Limiter, MemoryLimitStore
 from proxy.limits_redis import RedisLimitStore
+from proxy.listener import ConnectionGuard, GatewayRunner, client_connection_cap, raise_nofile_limit
 from proxy.observability import Metrics, Sample, configure_logging, flush_logs_periodically, log
 from proxy.pipeline import Gateway
 from proxy.relay import Dispatcher
 from proxy.streams import StreamRegistry
+from proxy.streams_redis import MAX_CONNECTIONS as STREAM_STORE_MAX_CONNECTIONS
 from proxy.streams_redis import RedisStreamStore
 from proxy.upstream import Upstream
 
@@ -122,7 +124,8 @@ def build_balancer(settings: Settings, admission: Admission) -> Balancer:
     }
     model_upstreams = {model: cfg.upstreams for model, cfg in settings.models.items() if cfg.upstreams}
     return Balancer(specs, model_upstreams, settings.routing.max_ejection_percent,
-                    in_flight=admission.in_flight)
+                    in_flight=admission.in_flight,
+                    panic_threshold_percent=settings.routing.panic_threshold_percent)
 
 
 def gateway_samples(gateway: Gateway) -> Callable[[], list[Sample]]:
@@ -237,24 +240,47 @@ async def _on_shutdown(app: web.Application) -> None:
                                              code="shutting_down", retry_after_s=1.0))
 
 
-async def start_server(settings: Settings, host: str | None = None, port: int | None = None
-                       ) -> tuple[web.AppRunner, int]:
+async def start_server(settings: Settings, host: str | None = None, port: int | None = None, *,
+                       reuse_port: bool = False, app: web.Application | None = None
+                       ) -> tuple[GatewayRunner, int]:
     """Start the gateway on the running loop; returns the runner and the bound port.
 
-    ``port=0`` binds a free port. Stop it with ``await runner.cleanup()``. Tests use this,
-    so they run the same server set-up as ``shepherd serve``.
+    The one way the gateway listens, for tests and ``shepherd serve`` alike: the soft
+    ``RLIMIT_NOFILE`` is raised to the hard limit, and the listener gets ``server.backlog``,
+    ``server.keepalive_timeout``, ``server.header_timeout`` and ``server.max_connections``
+    (``proxy.listener``). ``port=0`` binds a free port; ``app`` defaults to
+    ``create_app(settings)``. Stop it with ``await runner.cleanup()``.
     """
-    app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=HANDLER_GRACE_S)
+    app = create_app(settings) if app is None else app
+    config, metrics = settings.server, app[GATEWAY].metrics
+    fd_cap = client_connection_cap(raise_nofile_limit(), reserved_fds(settings))
+    guard = ConnectionGuard(config.max_connections, fd_cap,
+                            on_refuse=lambda reason: metrics.connections_refused.labels(reason).inc())
+    metrics.watch(guard.samples)
+    runner = GatewayRunner(app, guard, config.header_timeout_s, handler_cancellation=True,
+                           access_log=None, shutdown_timeout=HANDLER_GRACE_S,
+                           keepalive_timeout=config.keepalive_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, host or settings.server.host,
-                       settings.server.port if port is None else port)
-    await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.base_events.Server)
-    bound = server.sockets[0].getsockname()[1]
-    return runner, int(bound)
+    site = web.TCPSite(runner, host or config.host, config.port if port is None else port,
+                       backlog=config.backlog, reuse_port=reuse_port)
+    try:
+        await site.start()
+    except BaseException:  # the port is taken, say: close what startup opened, then raise
+        await runner.cleanup()
+        raise
+    bound = int(runner.addresses[0][1])
+    log.info("listener", extra={
+        "backlog": config.backlog, "max_connections": config.max_connections, "fd_cap": fd_cap,
+        "header_timeout_s": config.header_timeout_s, "keepalive_timeout_s": config.keepalive_timeout_s})
+    return runner, bound
+
+
+def reserved_fds(settings: Settings) -> int:
+    """File descriptors the upstream pools (and, with Redis, the stream store's pool) may
+    hold: kept free of client connections, so an upstream connect does not fail for want
+    of one (``proxy.listener.client_connection_cap``)."""
+    pools = sum(cfg.slots for cfg in settings.upstreams.values())
+    return pools + (STREAM_STORE_MAX_CONNECTIONS if settings.state.backend == "redis" else 0)
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None,
@@ -304,8 +330,8 @@ def worker_cpu(index: int) -> int | None:
 
 
 def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool, index: int = 0) -> None:
-    """One gateway process on uvloop (``web.run_app``), until SIGINT/SIGTERM. ``index``: the
-    worker's number (0 for a single process), which picks its CPU with ``server.cpu_affinity``."""
+    """One gateway process on uvloop, until SIGINT/SIGTERM. ``index``: the worker's number
+    (0 for a single process), which picks its CPU with ``server.cpu_affinity``."""
     import uvloop
 
     configure_logging()
@@ -314,14 +340,25 @@ def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool, ind
         os.sched_setaffinity(0, {cpu})
     log.info("starting", extra={"host": host, "port": port, "pid": os.getpid(), "cpu": cpu,
                                 "upstreams": list(settings.upstreams), "state": settings.state.backend})
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve_until_signalled(settings, host, port, reuse_port))
+
+
+async def serve_until_signalled(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
+    """``start_server``, then wait for SIGINT or SIGTERM and shut down (``_on_shutdown``
+    drains; aiohttp then gives handlers ``HANDLER_GRACE_S``)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     app = create_app(settings)
     app.on_startup.append(tune_gc)  # last: after every other startup step has built its state
-    web.run_app(
-        app, host=host, port=port, access_log=None,
-        handler_cancellation=True, shutdown_timeout=HANDLER_GRACE_S,
-        print=lambda _: log.info("listening", extra={"url": f"http://{host}:{port}", "pid": os.getpid()}),
-        loop=uvloop.new_event_loop(), reuse_port=reuse_port,
-    )
+    runner, bound = await start_server(settings, host, port, reuse_port=reuse_port, app=app)
+    log.info("listening", extra={"url": f"http://{host}:{bound}", "pid": os.getpid()})
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def supervise_workers(settings: Settings, bind: tuple[str, int], count: int) -> int:

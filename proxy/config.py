@@ -103,7 +103,18 @@ class _Frozen(BaseModel):
 
 
 class ServerConfig(_Frozen):
-    """``server:`` — the listener and request-level bounds."""
+    """``server:`` — the listener and request-level bounds.
+
+    Listener bounds (``proxy.listener``), each per worker process: ``max_connections``
+    client connections open at once (past it, or past what ``RLIMIT_NOFILE`` leaves after
+    the upstream pools, a new connection is answered 503 ``overloaded`` and closed);
+    ``header_timeout``: a connection whose request line and headers are not complete this
+    long after it opened (or after the first byte of its next request) is closed
+    (slowloris); ``keepalive_timeout``: an idle keep-alive connection is closed after it
+    (keep it above the idle timeout of a load balancer in front, e.g. 60 s on AWS ALB);
+    ``backlog``: the listen queue (``listen(2)``; the kernel caps it at
+    ``net.core.somaxconn``).
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -113,6 +124,10 @@ class ServerConfig(_Frozen):
     sse_keepalive_s: PositiveDurationS = Field(15.0, alias="sse_keepalive")
     drain_timeout_s: DurationS = Field(30.0, alias="drain_timeout")
     access_log: bool = True
+    max_connections: int = Field(10_000, ge=1)
+    header_timeout_s: PositiveDurationS = Field(10.0, alias="header_timeout")
+    keepalive_timeout_s: PositiveDurationS = Field(15.0, alias="keepalive_timeout")
+    backlog: int = Field(1024, ge=1, le=65535)
 
 
 class StateConfig(_Frozen):
@@ -246,9 +261,14 @@ class RetryConfig(_Frozen):
 
 class RoutingConfig(_Frozen):
     """``routing:`` — ``max_ejection_percent`` of a model's deployments may be ejected at
-    once (at least one); ``retry`` as ``RetryConfig``."""
+    once (at least one). ``panic_threshold_percent`` (Envoy's panic threshold): when the
+    healthy share of the serving tier of a model's deployments is below it, its ejected
+    deployments take traffic too, so a model whose only deployment was ejected is still
+    served rather than answered 503 (0 turns panic off; ``proxy.balancer`` has the rules).
+    ``retry`` as ``RetryConfig``."""
 
     max_ejection_percent: float = Field(50.0, ge=0, le=100)
+    panic_threshold_percent: float = Field(50.0, ge=0, le=100)
     retry: RetryConfig = Field(default_factory=RetryConfig)
 
 

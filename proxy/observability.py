@@ -192,6 +192,8 @@ class Metrics:
         idempotent_replays: requests answered from what an earlier request with the same
             ``Idempotency-Key`` started.
         request_seconds: time from request to last byte, by endpoint.
+        connections_refused: client connections the listener refused or closed early, by
+            ``reason`` (``proxy.listener``).
     """
 
     def __init__(self) -> None:
@@ -248,6 +250,10 @@ class Metrics:
         self.queue_overflows = Counter(
             "shepherd_queue_overflows", "Requests refused with 503: queue full or deadline passed",
             ["upstreams"], registry=self.registry)
+        self.connections_refused = Counter(
+            "shepherd_connections_refused", "Client connections refused or closed early by the "
+            "listener, by reason: max_connections, file_descriptors, header_timeout, "
+            "malformed_request", ["reason"], registry=self.registry)
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
         self.request_seconds = Histogram(

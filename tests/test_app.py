@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import resource
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import GC_THRESHOLDS, create_app, tune_gc
+from proxy.app import (
+    GC_THRESHOLDS,
+    STREAM_STORE_MAX_CONNECTIONS,
+    create_app,
+    reserved_fds,
+    start_server,
+    tune_gc,
+)
 from proxy.config import load_settings
 from proxy.http_api import GATEWAY
+from proxy.listener import GatewayRunner, client_connection_cap
 from tests.conftest import CLIENT_KEY, MockUpstream, RunningGateway, StartGateway, base_config, merge
 
 CHAT_BODY = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hello there"}]}
@@ -178,3 +188,55 @@ async def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() 
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+# --- the listener start_server builds (proxy/listener.py; hostile clients in tests/adversarial) ---
+
+
+def test_reserved_fds_counts_upstream_pools_and_the_redis_stream_store() -> None:
+    tree = merge(base_config("http://127.0.0.1:9/v1"),
+                 {"upstreams": {"other": {"base_url": "http://127.0.0.1:9/v1", "max_connections": 7}}})
+    assert reserved_fds(load_settings(tree, env={})) == 100 + 7
+    redis = merge(tree, {"state": {"backend": "redis"}})
+    assert reserved_fds(load_settings(redis, env={})) == 100 + 7 + STREAM_STORE_MAX_CONNECTIONS
+
+
+async def test_start_server_raises_the_soft_fd_limit_and_caps_connections_by_it(
+        start_gateway: StartGateway) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard}: nothing to raise the soft limit to")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        gateway = await start_gateway(server={"max_connections": 10**9})
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 512), hard))
+    runner = gateway.runner
+    assert isinstance(runner, GatewayRunner)
+    assert runner.guard.limit == client_connection_cap(hard, reserved_fds(gateway.settings))
+
+
+async def test_metrics_show_open_connections_and_their_limit(start_gateway: StartGateway) -> None:
+    gateway = await start_gateway(server={"max_connections": 50})
+    async with aiohttp.ClientSession() as session, session.get(gateway.url + "/metrics") as response:
+        text = await response.text()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["shepherd_connections_open"] == 1.0  # this scrape's own connection
+    assert samples["shepherd_connections_limit"] == 50.0
+
+
+async def test_start_server_cleans_up_when_the_port_is_taken(start_gateway: StartGateway) -> None:
+    gateway = await start_gateway()
+    settings = load_settings(base_config("http://127.0.0.1:9/v1"), env={})
+    app = create_app(settings)
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def grab_session(app: web.Application) -> None:  # after the pools opened
+        sessions.append(app[GATEWAY].upstreams["mock"].session)
+
+    app.on_startup.append(grab_session)
+    with pytest.raises(OSError):
+        await start_server(settings, "127.0.0.1", int(gateway.url.rsplit(":", 1)[1]), app=app)
+    assert len(sessions) == 1
+    assert sessions[0].closed

@@ -329,3 +329,74 @@ def test_repo_gateway_yaml_takes_env_overrides() -> None:
     assert settings.upstreams["mock"].base_url == "http://10.1.1.1:1/v1"
     assert settings.keys["demo"].key is not None
     assert settings.keys["demo"].key.get_secret_value() == "sk-mine"
+
+
+# --- server: listener bounds ----------------------------------------------------------------
+
+
+def test_listener_bounds_defaults() -> None:
+    server = load_settings(tree(), env={}).server
+    assert server.max_connections == 10_000
+    assert server.header_timeout_s == 10.0
+    assert server.keepalive_timeout_s == 15.0  # aiohttp's run_app says 75 s
+    assert server.backlog == 1024  # aiohttp's TCPSite says 128
+
+
+def test_listener_bounds_take_units() -> None:
+    server = load_settings(tree(server={"max_connections": 20, "header_timeout": "500ms",
+                                        "keepalive_timeout": "2m", "backlog": 4096}), env={}).server
+    assert (server.max_connections, server.header_timeout_s, server.keepalive_timeout_s,
+            server.backlog) == (20, 0.5, 120.0, 4096)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("max_connections", 0), ("max_connections", "many"), ("header_timeout", 0),
+    ("header_timeout", "soon"), ("keepalive_timeout", "0s"), ("keepalive_timeout", -1),
+    ("backlog", 0), ("backlog", 65536),
+])
+def test_bad_listener_bounds_name_their_key(key: str, value: object) -> None:
+    assert paths_of(tree(server={key: value})) == [f"server.{key}"]
+
+
+def test_bad_listener_bounds_are_reported_together() -> None:
+    raw = tree(server={"max_connections": 0, "header_timeout": "x", "keepalive_timeout": "y",
+                       "backlog": -5})
+    assert sorted(paths_of(raw)) == ["server.backlog", "server.header_timeout",
+                                     "server.keepalive_timeout", "server.max_connections"]
+
+
+# --- routing.panic_threshold_percent ------------------------------------------------------------
+
+
+def test_panic_threshold_percent_defaults_to_envoys_50() -> None:
+    assert load_settings(tree(), env={}).routing.panic_threshold_percent == 50.0
+
+
+@pytest.mark.parametrize("value", [0, 12.5, 100])
+def test_panic_threshold_percent_takes_0_to_100(value: float) -> None:
+    settings = load_settings(tree(routing={"panic_threshold_percent": value}), env={})
+    assert settings.routing.panic_threshold_percent == value
+
+
+@pytest.mark.parametrize("value", [-1, 100.5, "half"])
+def test_panic_threshold_percent_out_of_range_names_its_key(value: object) -> None:
+    assert paths_of(tree(routing={"panic_threshold_percent": value})) == [
+        "routing.panic_threshold_percent"]
+
+
+def test_panic_threshold_percent_reaches_the_balancer() -> None:
+    from proxy.admission import Admission, SlotLimits
+    from proxy.app import build_balancer
+    from proxy.errors import OverloadedError
+
+    settings = load_settings(tree(routing={"panic_threshold_percent": 0},
+                                  upstreams={"mock": {"outlier_detection": {"consecutive_failures": 1}}}),
+                             env={})
+    balancer = build_balancer(settings, Admission({"mock": SlotLimits(1, 0, 1.0)}))
+    balancer.record_failure("mock")
+    with pytest.raises(OverloadedError):  # panic off: the ejected only deployment is out
+        balancer.candidates("m", ("*",))
+    default = build_balancer(load_settings(tree(), env={}), Admission({"mock": SlotLimits(1, 0, 1.0)}))
+    for _ in range(5):
+        default.record_failure("mock")
+    assert default.candidates("m", ("*",)) == ["mock"]
