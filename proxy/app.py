@@ -59,7 +59,7 @@ def create_app(settings: Settings) -> web.Application:
         {name: SlotLimits(cfg.slots, cfg.max_queue, cfg.queue_timeout_s)
          for name, cfg in settings.upstreams.items()},
         on_overflow=metrics.count_queue_overflow)
-    balancer = build_balancer(settings, admission)
+    balancer = build_balancer(settings, admission, metrics)
     dispatcher = Dispatcher(upstreams, balancer, admission, settings.routing.retry,
                             RetryBudget(settings.routing.retry.budget_percent,
                                         settings.routing.retry.budget_min), events=metrics)
@@ -112,8 +112,9 @@ def build_remote_streams(settings: Settings, metrics: Metrics) -> RedisStreamSto
         on_error=metrics.stream_store_errors.inc)
 
 
-def build_balancer(settings: Settings, admission: Admission) -> Balancer:
-    """The balancer over every upstream, counting in-flight requests from ``admission``."""
+def build_balancer(settings: Settings, admission: Admission, metrics: Metrics | None = None) -> Balancer:
+    """The balancer over every upstream, counting in-flight requests from ``admission``;
+    each entry of a model into panic routing is counted in ``metrics``."""
     specs = {
         name: DeploymentSpec(
             name, cfg.models, cfg.priority, cfg.weight,
@@ -125,7 +126,8 @@ def build_balancer(settings: Settings, admission: Admission) -> Balancer:
     model_upstreams = {model: cfg.upstreams for model, cfg in settings.models.items() if cfg.upstreams}
     return Balancer(specs, model_upstreams, settings.routing.max_ejection_percent,
                     in_flight=admission.in_flight,
-                    panic_threshold_percent=settings.routing.panic_threshold_percent)
+                    panic_threshold_percent=settings.routing.panic_threshold_percent,
+                    on_panic=metrics.count_panic if metrics is not None else lambda _model, _names: None)
 
 
 def gateway_samples(gateway: Gateway) -> Callable[[], list[Sample]]:

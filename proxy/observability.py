@@ -247,6 +247,10 @@ class Metrics:
                                  registry=self.registry)
         self.retry_budget_exhausted = Counter(
             "shepherd_retry_budget_exhausted", "Retries refused by the retry budget", registry=self.registry)
+        self.lb_panics = Counter(
+            "shepherd_lb_panic", "Times a model's routing entered panic (below "
+            "routing.panic_threshold_percent healthy: ejected deployments take traffic too), "
+            "by its deployments", ["upstreams"], registry=self.registry)
         self.queue_overflows = Counter(
             "shepherd_queue_overflows", "Requests refused with 503: queue full or deadline passed",
             ["upstreams"], registry=self.registry)
@@ -289,6 +293,11 @@ class Metrics:
     def count_retry_budget_exhausted(self) -> None:
         """A retry was refused by the retry budget."""
         self.retry_budget_exhausted.inc()
+
+    def count_panic(self, model: str, upstreams: tuple[str, ...]) -> None:
+        """A model's routing entered panic; labelled by its deployments (model ids are
+        unbounded with ``models: ["*"]``)."""
+        self.lb_panics.labels(",".join(upstreams)).inc()
 
     def count_queue_overflow(self, upstreams: str) -> None:
         """A request was refused with 503: queue full or deadline passed."""

@@ -63,6 +63,8 @@ async def test_ejected_only_deployment_still_takes_traffic_in_panic(
         ready_status, ready = await readyz(session, gateway)
         assert (ready_status, ready["status"]) == (200, "ready")
         assert ready["upstreams"]["mock"]["state"] == "ejected"  # ejected, served in panic
+        async with session.get(gateway.url + "/metrics") as response:
+            assert 'shepherd_lb_panic_total{upstreams="mock"} 1.0' in await response.text()
     balancer = gateway.app[GATEWAY].balancer
     assert balancer.panic_models() == ["mock-gpt"]
     assert balancer.panics == 1
