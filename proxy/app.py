@@ -185,7 +185,7 @@ def build_limiter(settings: Settings, metrics: Metrics) -> Limiter:
                             block_max_requests=settings.limits.block_max_requests,
                             on_block_admission=metrics.limit_block_admissions.inc)
     return Limiter(store, MemoryLimitStore(ttl_s), state.on_redis_error,
-                   on_fallback=metrics.limit_store_fallbacks.inc)
+                   on_fallback=metrics.limit_store_fallbacks.inc, share_floor=state.fallback_share_floor)
 
 
 async def _limiter(app: web.Application) -> AsyncIterator[None]:

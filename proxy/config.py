@@ -135,7 +135,12 @@ class StateConfig(_Frozen):
 
     ``redis_timeout``: the longest a limit check waits for Redis before the gateway falls
     back to per-process limits (``on_redis_error: open``, the default) or answers 503
-    (``closed``). ``key_prefix`` starts every Redis key the gateway writes.
+    (``closed``). It counts Redis's time, not the gateway's: time the gateway's own event
+    loop was late does not count (see ``proxy.limits_redis.RedisLimitStore._reply``).
+    ``key_prefix`` starts every Redis key the gateway writes. ``fallback_share_floor``:
+    while Redis is down each of the N instances alive before (counted from heartbeats)
+    applies ``limit // N`` of every limit, but at least this many requests, tokens or
+    concurrent requests (see ``proxy.limits``).
     """
 
     backend: Literal["memory", "redis"] = "memory"
@@ -143,6 +148,7 @@ class StateConfig(_Frozen):
     redis_timeout_s: PositiveDurationS = Field(0.05, alias="redis_timeout")
     on_redis_error: Literal["open", "closed"] = "open"
     key_prefix: str = "shepherd:"
+    fallback_share_floor: int = Field(1, ge=1)
 
 
 class LimitsConfig(_Frozen):

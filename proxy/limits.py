@@ -28,17 +28,31 @@ Rules (each one a property test in ``tests/test_limits.py``):
 
 A scope is a key (``keys.<name>``) or one model of a key (``keys.<name>.per_model.<model>``);
 a request must pass every scope that applies, and is charged in all of them or none.
+
+**Shares while the shared store is down.** Each gateway instance writes a heartbeat to the
+shared store every ``HEARTBEAT_INTERVAL_S`` and reads back N, the instances alive then (at
+least 1). While the store is unreachable, each instance applies ``share(limit, N, floor)``
+of every limit in its own memory: ``limit // N``, but at least ``floor``
+(``state.fallback_share_floor``, default 1) and never more than the limit itself. That is
+``rpm``, ``burst``, ``tpm``, ``max_concurrent`` and a budget's tokens; a USD budget is
+divided by N exactly. So N instances together admit at most what one shared limit admits
+(``burst + rpm * D / 60`` requests in D seconds of an outage, and so on), except where a
+limit divided by N falls below the floor (then N times the floor). Not covered: what the
+shared store admitted just before the outage (the local state starts from nothing: up to
+one more burst, and a budget's spending so far), and an instance that started less than
+``HEARTBEAT_INTERVAL_S`` before the outage and was not yet counted by the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from proxy.config import BudgetConfig, RateLimits, Settings
@@ -52,6 +66,10 @@ CONCURRENCY_RETRY_S = 0.5
 
 #: How long the gateway keeps using per-process limits before it tries Redis again.
 REDIS_RETRY_INTERVAL_S = 1.0
+
+#: How often each gateway instance writes its heartbeat to a shared store (the count of live
+#: instances sets each one's share of every limit while the store is down).
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 # --- the policy ------------------------------------------------------------------------------
@@ -186,6 +204,41 @@ def gcra_us(tat: int, now: int, emission: int, burst: int) -> tuple[bool, int, i
     return True, new_tat, 0, (tolerance - (new_tat - now)) // emission, new_tat - now
 
 
+def share(limit: int | None, instances: int, floor: int = 1) -> int | None:
+    """One instance's share of ``limit`` among ``instances`` (see the module docstring):
+    ``limit // instances``, at least ``floor`` and at most ``limit``; ``None`` (no limit)
+    stays ``None``."""
+    if limit is None:
+        return None
+    return min(limit, max(floor, limit // max(1, instances)))
+
+
+@functools.lru_cache(maxsize=4096)
+def share_scopes(scopes: tuple[Scope, ...], instances: int, floor: int = 1) -> tuple[Scope, ...]:
+    """``scopes`` with every limit cut to its share (``share``), ids unchanged (memoized:
+    a key's scopes are the same objects on every request)."""
+    return tuple(Scope(s.scope_id, share(s.rpm, instances, floor), share(s.burst, instances, floor),
+                       share(s.tpm, instances, floor), share(s.max_concurrent, instances, floor))
+                 for s in scopes)
+
+
+def share_budget(budget: Budget | None, instances: int, floor: int = 1) -> Budget | None:
+    """``budget`` cut to its share: tokens as ``share``, dollars divided by ``instances``."""
+    if budget is None or instances <= 1:
+        return budget
+    usd = None if budget.usd is None else budget.usd / instances
+    return replace(budget, tokens=share(budget.tokens, instances, floor), usd=usd)
+
+
+def share_demand(demand: Demand, instances: int, floor: int = 1) -> Demand:
+    """``demand`` against one instance's share of its limits; the same demand when
+    ``instances`` is 1 (what it reserves does not change)."""
+    if instances <= 1:
+        return demand
+    return replace(demand, scopes=share_scopes(demand.scopes, instances, floor),
+                   budget=share_budget(demand.budget, instances, floor))
+
+
 def refill(tokens: float, updated_s: float, now_s: float, capacity: float, rate_per_s: float) -> float:
     """Tokens in a bucket at ``now_s`` that held ``tokens`` at ``updated_s`` (never above
     ``capacity``; a negative balance, a debt, refills like any other)."""
@@ -201,9 +254,13 @@ class LimitStore(Protocol):
     ``acquire`` checks and charges one demand in every scope or in none; ``settle`` returns
     a reservation and charges the actual tokens and dollars; ``release`` drops a lease;
     ``refresh`` extends live leases. Errors from a remote store raise ``StoreUnavailable``.
+    ``heartbeat`` tells a shared store this instance is alive (``Limiter`` calls it every
+    ``HEARTBEAT_INTERVAL_S``); ``instances`` is how many instances share the store as last
+    seen, at least 1 (always 1 for a per-process store).
     """
 
     name: str
+    instances: int
 
     async def acquire(self, demand: Demand, lease_id: str) -> Verdict: ...
 
@@ -211,6 +268,8 @@ class LimitStore(Protocol):
                      actual_tokens: int, actual_usd: float) -> None: ...
 
     async def refresh(self, leases: Iterable[tuple[Demand, str]]) -> None: ...
+
+    async def heartbeat(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -229,6 +288,7 @@ class MemoryLimitStore:
     """
 
     name = "memory"
+    instances = 1
 
     def __init__(self, lease_ttl_s: float = 60.0, clock: Callable[[], float] = time.time) -> None:
         self.lease_ttl_s = lease_ttl_s
@@ -357,6 +417,9 @@ class MemoryLimitStore:
                 if held is not None and lease_id in held:
                     held[lease_id] = expiry
 
+    async def heartbeat(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -466,26 +529,34 @@ class Limiter:
             memory backend, where the primary is already local).
         on_store_error: ``open`` (fall back, the default) or ``closed`` (503).
         on_fallback: called once per fallback use (a metric).
+        share_floor: ``state.fallback_share_floor``: the least a limit is cut to in the
+            fallback (requests, tokens, leases; see ``share``).
 
     During an outage the primary is retried at most every ``REDIS_RETRY_INTERVAL_S``;
-    one log line marks the start of an outage and one its end.
+    one log line marks the start of an outage and one its end. The fallback applies this
+    instance's share of every limit, ``1/N`` with N = ``store.instances``, the instances
+    the primary counted from heartbeats before the outage (see the module docstring). A
+    request refused only because of the share (its reservation fits the whole ``tpm`` but
+    not this instance's part) gets a retryable ``tokens`` 429, not ``tokens_too_large``.
     """
 
     def __init__(self, store: LimitStore, fallback: MemoryLimitStore | None = None,
                  on_store_error: str = "open", on_fallback: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, share_floor: int = 1) -> None:
         self.store = store
         self.fallback = fallback
         self.on_store_error = on_store_error
         self.on_fallback = on_fallback or (lambda: None)
         self.clock = clock
+        self.share_floor = max(1, share_floor)
         self.live: dict[str, Lease] = {}
         self._outage_since: float | None = None
         self._next_try = 0.0
 
     def __repr__(self) -> str:
         state = "fallback" if self._outage_since is not None else "ok"
-        return f"<Limiter {self.store.name} [{state} | leases: {len(self.live)}]>"
+        shared = f" | instances: {self.store.instances}" if self.store.instances > 1 else ""
+        return f"<Limiter {self.store.name} [{state} | leases: {len(self.live)}{shared}]>"
 
     @property
     def degraded(self) -> bool:
@@ -505,17 +576,18 @@ class Limiter:
         if not demand.limited:
             return None
         lease_id = f"ls_{random.getrandbits(64):016x}"  # unique, not secret: no syscall
-        store, verdict = await self._acquire_on_some_store(demand, lease_id)
+        store, charged, verdict = await self._acquire_on_some_store(demand, lease_id)
         headers = ratelimit_headers(verdict.reports)
         if not verdict.allowed:
             raise refusal_error(verdict, headers)
-        lease = Lease(lease_id, demand, store, verdict.budget_window, headers)
+        lease = Lease(lease_id, charged, store, verdict.budget_window, headers)
         if any(s.max_concurrent for s in demand.scopes):
             self.live[lease_id] = lease
         return lease
 
     async def _acquire_on_some_store(self, demand: Demand, lease_id: str
-                                     ) -> tuple[LimitStore, Verdict]:
+                                     ) -> tuple[LimitStore, Demand, Verdict]:
+        """The store that answered, the demand as charged there, and its verdict."""
         if self.fallback is None or self.clock() >= self._next_try:
             try:
                 verdict = await self.store.acquire(demand, lease_id)
@@ -523,12 +595,17 @@ class Limiter:
                 self._mark_outage(exc)
             else:
                 self._mark_recovered()
-                return self.store, verdict
+                return self.store, demand, verdict
         if self.on_store_error == "closed" or self.fallback is None:
             raise OverloadedError("Rate-limit state is unavailable; retry shortly.",
                                   code="limits_unavailable", retry_after_s=REDIS_RETRY_INTERVAL_S)
         self.on_fallback()
-        return self.fallback, self.fallback.acquire_now(demand, lease_id)
+        shared = share_demand(demand, self.store.instances, self.share_floor)
+        verdict = self.fallback.acquire_now(shared, lease_id)
+        if verdict.reason == "tokens_too_large" and all(
+                s.tpm is None or demand.tokens <= s.tpm for s in demand.scopes):
+            verdict.reason, verdict.retry_after_s = "tokens", REDIS_RETRY_INTERVAL_S
+        return self.fallback, shared, verdict
 
     def _mark_outage(self, exc: BaseException) -> None:
         now = self.clock()
@@ -538,7 +615,8 @@ class Limiter:
             log.warning("limit store unavailable; using per-process limits"
                         if self.on_store_error == "open" else
                         "limit store unavailable; refusing limited requests",
-                        extra={"store": self.store.name, "error": type(exc).__name__})
+                        extra={"store": self.store.name, "error": type(exc).__name__,
+                               "detail": str(exc)[:200]})
 
     def _mark_recovered(self) -> None:
         if self._outage_since is not None:
@@ -572,11 +650,26 @@ class Limiter:
             except StoreUnavailable as exc:
                 self._mark_outage(exc)
 
+    async def heartbeat(self) -> None:
+        """Tell the primary store this instance is alive (see ``LimitStore.heartbeat``);
+        a store that does not answer keeps ``instances`` as last seen."""
+        try:
+            await self.store.heartbeat()
+        except StoreUnavailable:
+            pass
+
     async def refresh_forever(self, interval_s: float) -> None:
-        """``refresh_leases`` every ``interval_s`` until cancelled (safe to cancel)."""
+        """``refresh_leases`` every ``interval_s`` and ``heartbeat`` every
+        ``HEARTBEAT_INTERVAL_S`` (from the start), until cancelled (safe to cancel)."""
+        tick_s = min(interval_s, HEARTBEAT_INTERVAL_S)
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time() + interval_s
         while True:
-            await asyncio.sleep(interval_s)
-            await self.refresh_leases()
+            await self.heartbeat()
+            await asyncio.sleep(tick_s)
+            if loop.time() >= next_refresh:
+                next_refresh = loop.time() + interval_s
+                await self.refresh_leases()
 
     async def close(self) -> None:
         """Close the stores' connections."""

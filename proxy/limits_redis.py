@@ -20,7 +20,9 @@ Keys (``state.key_prefix`` first, default ``shepherd:``): ``<scope>:tat`` (GCRA)
 ``<scope>:tb`` (token bucket), ``<scope>:leases`` (sorted set of lease ids by expiry),
 ``<scope>:blocks`` (sorted set of ``<block id>*<leases held>`` by expiry, for blocks of
 quota), ``budget:<key>:<window>`` (``tok``, ``usd`` and one ``r:<id>`` reservation per
-request or block in flight). Standalone Redis or Sentinel; keys are not hash-tagged for Cluster.
+request or block in flight), ``instances`` (sorted set of live gateway instance ids by the
+expiry of their heartbeat: ``proxy.limits`` shares every limit among them while Redis is
+down). Standalone Redis or Sentinel; keys are not hash-tagged for Cluster.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import asyncio
 import functools
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,7 @@ from redis.exceptions import RedisError
 
 from proxy.limits import (
     CONCURRENCY_RETRY_S,
+    HEARTBEAT_INTERVAL_S,
     Budget,
     Demand,
     Scope,
@@ -55,6 +58,13 @@ MAX_BATCH = 256
 #: and the share of what a limit has left that one block may take at most (1/8).
 MIN_BLOCK = 4
 BLOCK_SHARE = 8
+
+#: How long an instance counts as alive after its last heartbeat (three missed beats).
+INSTANCE_TTL_S = 3 * HEARTBEAT_INTERVAL_S
+
+#: The ticks a wait for Redis is cut into (``RedisLimitStore._reply``): how finely time the
+#: event loop was late is told apart from time Redis was slow.
+WAIT_TICKS = 5
 
 #: The most timed-out acquires remembered for cancelling (the oldest are forgotten; their
 #: leases then expire with ``limits.lease_ttl``).
@@ -504,9 +514,24 @@ local function give_back(op)
   return {1}
 end
 
+-- The heartbeat of gateway instance op.id: alive until now + op.ttl ms (op.ttl 0: leaving).
+-- Answers how many instances are alive.
+local function heartbeat(op)
+  local key = prefix .. 'instances'
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if op.ttl > 0 then
+    redis.call('ZADD', key, now + op.ttl, op.id)
+    redis.call('PEXPIRE', key, op.ttl)
+  else
+    redis.call('ZREM', key, op.id)
+  end
+  return {redis.call('ZCARD', key)}
+end
+
 local out = {}
 for i, op in ipairs(ops) do
   if op.t == 'a' then out[i] = acquire(op)
+  elseif op.t == 'h' then out[i] = heartbeat(op)
   elseif op.t == 's' then out[i] = settle(op)
   elseif op.t == 'c' then out[i] = cancel(op)
   elseif op.t == 'g' then out[i] = grant(op)
@@ -676,7 +701,8 @@ class RedisLimitStore:
         url: ``state.redis_url``.
         key_prefix: ``state.key_prefix``.
         timeout_s: ``state.redis_timeout``: a batch not answered in time fails with
-            ``StoreUnavailable`` (the limiter then falls back).
+            ``StoreUnavailable`` (the limiter then falls back); time this process's event
+            loop was late does not count (``_reply``), up to ``max_wait_s`` in all.
         lease_ttl_s: ``limits.lease_ttl``.
         clock_us: ``None`` (the default): every batch reads Redis's own clock (``TIME``), one
             clock for every gateway. A function returning Unix time in integer microseconds:
@@ -685,6 +711,11 @@ class RedisLimitStore:
             turns blocks off (every limited request is checked in Redis).
         block_max_requests: ``limits.block_max_requests``: the largest block.
         on_block_admission: called once per request admitted from a block (a metric).
+
+    ``heartbeat()`` adds this instance (``instance_id``, random per store) to
+    ``<prefix>instances`` for ``INSTANCE_TTL_S``, in the next batch (no round trip of its
+    own when requests are flowing), and sets ``instances`` to the live count it answers;
+    ``close()`` takes the instance out.
     """
 
     name = "redis"
@@ -699,8 +730,12 @@ class RedisLimitStore:
         self.script = self.redis.register_script(LUA)
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
+        self.max_wait_s = max(timeout_s * 4, 1.0)  # the socket timeout above
+        self.loop_lag_s = 0.0  # waiting time not counted against Redis: the loop was late
         self.lease_ttl_ms = int(lease_ttl_s * 1000)
         self.clock_us = clock_us
+        self.instance_id = f"gw_{random.getrandbits(64):016x}"
+        self.instances = 1  # live instances sharing Redis, as last seen (at least 1)
         self._pending: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._orphans: list[dict[str, Any]] = []  # acquires to cancel once Redis answers again
@@ -716,7 +751,17 @@ class RedisLimitStore:
         self._arrivals: dict[Shape, tuple[float, int]] = {}  # requests checked in Redis lately
 
     def __repr__(self) -> str:
-        return f"<RedisLimitStore [pending: {len(self._pending)}, batches in flight: {len(self._inflight)}]>"
+        return (f"<RedisLimitStore [pending: {len(self._pending)}, batches in flight: "
+                f"{len(self._inflight)} | instances: {self.instances}]>")
+
+    async def heartbeat(self) -> None:
+        """Mark this instance alive for ``INSTANCE_TTL_S`` and read how many are.
+
+        Raises:
+            StoreUnavailable: Redis did not answer; ``instances`` keeps its last value.
+        """
+        op = {"t": "h", "id": self.instance_id, "ttl": round(INSTANCE_TTL_S * 1000)}
+        self.instances = max(1, int((await self._submit(op))[0]))
 
     async def acquire(self, demand: Demand, lease_id: str) -> Verdict:
         if self.block_ttl_s > 0:
@@ -901,7 +946,8 @@ class RedisLimitStore:
         now = asyncio.get_running_loop().time()
         for block in [*self._blocks.values(), *self._spares.values()]:
             self._close_block(block, now)
-        await asyncio.sleep(0)  # let the give-backs be sent
+        self._submit({"t": "h", "id": self.instance_id, "ttl": 0}).add_done_callback(_consume)
+        await asyncio.sleep(0)  # let the give-backs and the goodbye be sent
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         await self.redis.aclose()
@@ -930,12 +976,11 @@ class RedisLimitStore:
 
     async def _run(self, batch: list[tuple[dict[str, Any], asyncio.Future[Any]]]) -> None:
         try:
-            async with asyncio.timeout(self.timeout_s):
-                args: list[Any] = [self.key_prefix, self.lease_ttl_ms,
-                                   orjson.dumps([op for op, _ in batch])]
-                if self.clock_us is not None:
-                    args.append(self.clock_us())
-                raw = await self.script(args=args)
+            args: list[Any] = [self.key_prefix, self.lease_ttl_ms,
+                               orjson.dumps([op for op, _ in batch])]
+            if self.clock_us is not None:
+                args.append(self.clock_us())
+            raw = await self._reply(self.script(args=args))
             results = orjson.loads(raw)
         except (RedisError, OSError, TimeoutError, orjson.JSONDecodeError) as exc:
             for _, future in batch:
@@ -953,3 +998,44 @@ class RedisLimitStore:
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+    async def _reply(self, call: Coroutine[Any, Any, Any]) -> Any:
+        """Await Redis's reply to ``call``; ``TimeoutError`` if Redis, not this process, is slow.
+
+        The rule: Redis gets ``timeout_s`` of this event loop's attention, not of wall time.
+        The wait is cut into ticks of ``timeout_s / WAIT_TICKS``; a tick counts its length
+        less how late the loop woke for it (never below 0): a loop busy with other callbacks,
+        or a process the OS did not schedule, could not have read a reply sitting in the
+        socket meanwhile, so that time does not count against Redis. The call fails once
+        the counted time reaches ``timeout_s`` with no reply read by one more loop iteration
+        (a reply read in the same iteration as the last tick wins), or once ``max_wait_s``
+        of wall time has passed since sending (redis-py's own socket timeout), whichever
+        comes first. On a loop that keeps time, that is ``timeout_s`` after sending.
+
+        Cancelling is safe: the call is cancelled with it (as after a timeout, the script may
+        still have run; ``_run`` then cancels its acquires).
+        """
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(call)
+        tick_s = self.timeout_s / WAIT_TICKS
+        sent = loop.time()
+        counted_s = 0.0
+        try:
+            while True:
+                due = loop.time() + tick_s
+                await asyncio.wait((task,), timeout=tick_s)
+                if task.done():
+                    return task.result()
+                now = loop.time()
+                lag = max(0.0, now - due)
+                counted_s += max(0.0, tick_s - lag)
+                self.loop_lag_s += min(lag, tick_s)
+                if counted_s >= self.timeout_s - 1e-9 or now - sent >= self.max_wait_s:
+                    await asyncio.sleep(0)  # one more iteration: a reply read with the last tick
+                    if task.done():
+                        return task.result()
+                    raise TimeoutError(f"no reply from Redis in {now - sent:.3f}s "
+                                       f"({counted_s:.3f}s with the event loop on time)")
+        finally:
+            if not task.done():
+                task.cancel()

@@ -7,6 +7,7 @@ The only I/O boundary, the primary store, is replaced by ``FlakyStore`` for the 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import re
@@ -38,6 +39,10 @@ from proxy.limits import (
     ratelimit_headers,
     refill,
     refusal_error,
+    share,
+    share_budget,
+    share_demand,
+    share_scopes,
     usage_counts,
 )
 
@@ -118,10 +123,13 @@ gap_units = st.lists(st.one_of(st.just(0.0), st.floats(0, 2.5), st.floats(0, 40)
 
 
 def admitted_within_bound(times: list[float], rpm: int, burst: int) -> None:
-    """Every window [a, a + D] holds at most ``burst + rpm * D / 60`` of ``times`` (sorted)."""
+    """Every window [a, a + D] holds at most ``burst + rpm * D / 60`` of ``times`` (sorted).
+
+    GCRA runs on whole microseconds (``gcra_us``): each time is rounded to the nearest
+    microsecond, so D as the store saw it may be up to 1 us longer than in floats."""
     for i, start in enumerate(times):
         for j in range(i, len(times)):
-            duration = times[j] - start
+            duration = times[j] - start + 1e-6
             assert j - i + 1 <= burst + rpm * duration / 60 + EPS, (start, duration, j - i + 1)
 
 
@@ -752,9 +760,11 @@ class FlakyStore:
 
     name = "redis"
 
-    def __init__(self) -> None:
+    def __init__(self, instances: int = 1) -> None:
         self.up = False
         self.acquires = 0
+        self.heartbeats = 0
+        self.instances = instances
         self.inner = MemoryLimitStore()
 
     def _check(self) -> None:
@@ -774,6 +784,10 @@ class FlakyStore:
     async def refresh(self, leases: Iterable[tuple[Demand, str]]) -> None:
         self._check()
         await self.inner.refresh(leases)
+
+    async def heartbeat(self) -> None:
+        self.heartbeats += 1
+        self._check()
 
     async def close(self) -> None:
         return None
@@ -934,3 +948,112 @@ def test_refill_and_scope_units() -> None:
     assert Scope("k", rpm=120).emission_s == 0.5
     assert Scope("k", tpm=120).tokens_per_s == 2.0
     assert Budget("k", 1, None, DAY_S).window(DAY_S * 3 - 1e-6) == 2
+
+
+# --- shares of the limits while the shared store is down ----------------------------------
+
+
+@given(limit=st.integers(1, 10**6), instances=st.integers(1, 64), floor=st.integers(1, 100))
+def test_shares_add_up_to_the_limit_unless_the_floor_applies(limit: int, instances: int,
+                                                             floor: int) -> None:
+    part = share(limit, instances, floor)
+    assert part is not None
+    assert 1 <= part <= limit                           # never more than the whole
+    assert part >= min(floor, limit)
+    if limit // instances >= floor:                     # no floor: N shares fit the limit
+        assert part * instances <= limit
+        assert part == limit // instances
+    else:
+        assert part == min(floor, limit)
+
+
+def test_share_arithmetic_examples() -> None:
+    assert [share(120, n) for n in (1, 2, 3, 7, 200)] == [120, 60, 40, 17, 1]
+    assert share(11, 2) == 5                            # rounded down: 10 of 11 in total
+    assert share(3, 5, floor=2) == 2                    # the floor: 5 * 2 may exceed 3
+    assert share(1, 4, floor=8) == 1                    # but never above the limit
+    assert share(None, 4) is None
+    scope = Scope("k", rpm=120, burst=10, tpm=1000, max_concurrent=5)
+    assert share_scopes((scope,), 2) == (Scope("k", rpm=60, burst=5, tpm=500, max_concurrent=2),)
+    budget = Budget("k", tokens=1001, usd=3.0, period_s=60.0)
+    assert share_budget(budget, 2) == Budget("k", tokens=500, usd=1.5, period_s=60.0)
+    assert share_budget(Budget("k", None, None, 60.0), 3) == Budget("k", None, None, 60.0)
+    demand = Demand((scope,), tokens=7, usd=0.5, budget=budget)
+    assert share_demand(demand, 1) is demand
+    shared = share_demand(demand, 2)
+    assert (shared.tokens, shared.usd, shared.scopes[0].rpm, shared.budget) == (
+        7, 0.5, 60, share_budget(budget, 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(instances=st.integers(1, 6), span_s=st.floats(0.0, 120.0),
+       gaps=st.lists(st.floats(0.0, 2.0), min_size=1, max_size=200))
+def test_n_instances_on_their_shares_admit_within_one_shared_gcra_bound(
+        instances: int, span_s: float, gaps: list[float]) -> None:
+    """Every instance sees every arrival (the worst case for the sum); together they admit
+    at most ``burst + rpm * D / 60`` in any D seconds, as one shared limit would."""
+    rpm, burst = 120, 10
+    demand = share_demand(Demand((Scope("k", rpm=rpm, burst=burst),), tokens=0), instances)
+    stores = [MemoryLimitStore(clock=FakeClock()) for _ in range(instances)]
+    admitted: list[float] = []
+    t = T0
+    for gap in gaps:
+        t += gap * span_s / 60
+        for store in stores:
+            assert isinstance(store.clock, FakeClock)
+            store.clock.t = t
+            if store.acquire_now(demand, "x").allowed:
+                admitted.append(t)
+    for i, start in enumerate(admitted):
+        within = [a for a in admitted[i:] if a - start <= span_s]
+        assert len(within) <= burst + rpm * (span_s + 1e-6) / 60 + EPS  # 1 us: see above
+
+
+async def test_fallback_applies_the_share_counted_before_the_outage() -> None:
+    clock = FakeClock(0.0)
+    primary, fallback = FlakyStore(instances=3), MemoryLimitStore(clock=clock)
+    limiter = Limiter(primary, fallback, "open", clock=clock)
+    # Shares of 3: rpm 20, burst 3, tpm 1000, max_concurrent 2.
+    scopes = (Scope("k", rpm=60, burst=9, tpm=3000, max_concurrent=6),)
+
+    async def outcome(tokens: int) -> Lease | RateLimitError:
+        try:
+            lease = await limiter.acquire(Demand(scopes, tokens=tokens))
+        except RateLimitError as exc:
+            return exc
+        assert lease is not None
+        return lease
+
+    big = await outcome(1500)        # fits the whole tpm, not this instance's share of it
+    assert isinstance(big, RateLimitError)
+    assert (big.type, big.retry_after_s, big.should_retry) == ("tokens", REDIS_RETRY_INTERVAL_S, None)
+    first, second, third = [await outcome(1) for _ in range(3)]
+    assert isinstance(first, Lease)
+    assert isinstance(second, Lease)
+    assert isinstance(third, RateLimitError)
+    assert third.code == "concurrency_limit_exceeded"
+    assert repr(limiter) == "<Limiter redis [fallback | leases: 2 | instances: 3]>"
+    await limiter.settle(first, 1, 0.0)
+    assert isinstance(await outcome(1), Lease)                  # the third of burst 3
+    refused = await outcome(1)
+    assert isinstance(refused, RateLimitError)
+    assert refused.code == "rate_limit_exceeded"
+    assert refused.retry_after_s == pytest.approx(3.0)          # rpm 20: one every 3 s
+    too_big = await outcome(3001)    # too large for the whole limit: never retried
+    assert isinstance(too_big, RateLimitError)
+    assert too_big.should_retry is False
+    assert primary.acquires == 1     # all in the fallback, within the retry interval
+
+
+async def test_limiter_heartbeats_from_the_start_and_refreshes_at_its_interval() -> None:
+    primary = FlakyStore()
+    primary.up = True
+    limiter = Limiter(primary, MemoryLimitStore())
+    task = asyncio.get_running_loop().create_task(limiter.refresh_forever(60.0))
+    await asyncio.sleep(0)
+    assert primary.heartbeats == 1
+    primary.up = False               # a heartbeat that fails is not an outage
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await limiter.heartbeat()
+    assert (primary.heartbeats, limiter.degraded) == (2, False)
