@@ -115,6 +115,7 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.fd_cap = fd_cap
         self.open = 0
+        self.lingering = 0  # refused connections still open (each holds a descriptor)
         self.refused = dict.fromkeys(REASONS, 0)
         self._on_refuse = on_refuse or (lambda _: None)
         self._clock = clock
@@ -133,10 +134,10 @@ class ConnectionGuard:
     def admit(self) -> str | None:
         """Count one more open connection and return ``None``, or return why it is refused
         (``max_connections`` or ``file_descriptors``; counted and logged, not opened)."""
-        if self.open >= self.max_connections:
+        if self.open + self.lingering >= self.fd_cap:
+            reason = "file_descriptors"  # refusals that linger hold descriptors too
+        elif self.open >= self.max_connections:
             reason = "max_connections"
-        elif self.open >= self.fd_cap:
-            reason = "file_descriptors"
         else:
             self.open += 1
             return None
@@ -241,7 +242,7 @@ class GatewayProtocol(RequestHandler):
         kwargs: ``RequestHandler``'s own (``loop``, ``keepalive_timeout``, ...).
     """
 
-    __slots__ = ("_guard", "_header_timeout_s", "_timer", "_counted", "_refused")
+    __slots__ = ("_guard", "_header_timeout_s", "_timer", "_counted", "_refused", "_lingering")
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, header_timeout_s: float,
                  **kwargs: Any) -> None:
@@ -251,10 +252,12 @@ class GatewayProtocol(RequestHandler):
         self._timer: asyncio.TimerHandle | None = None  # header deadline, or refused linger
         self._counted = False  # admitted: counted open in the guard until connection_lost
         self._refused = False
+        self._lingering = False  # refused and counted in the guard's ``lingering``
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._guard.admit() is not None:
-            self._refuse(cast(asyncio.Transport, transport))
+        reason = self._guard.admit()
+        if reason is not None:
+            self._refuse(cast(asyncio.Transport, transport), linger=reason != "file_descriptors")
             return
         self._counted = True
         super().connection_made(transport)
@@ -265,6 +268,9 @@ class GatewayProtocol(RequestHandler):
         if self._refused:
             cast(GatewayServer, self._manager).refused.discard(self)
             self.transport = None
+            if self._lingering:
+                self._lingering = False
+                self._guard.lingering -= 1
             return
         if self._counted:
             self._counted = False
@@ -300,15 +306,21 @@ class GatewayProtocol(RequestHandler):
                          error=type(exc).__name__)
         return error_answer(error)
 
-    def _refuse(self, transport: asyncio.Transport) -> None:
-        """Answer 503 at once, shut the write side, drop what arrives, close when the client
-        does or after ``REFUSED_LINGER_S``."""
+    def _refuse(self, transport: asyncio.Transport, *, linger: bool) -> None:
+        """Answer 503 at once, shut the write side, and with ``linger`` drop what arrives
+        and close when the client does or after ``REFUSED_LINGER_S``; without it (short of
+        descriptors: a lingering refusal would hold one) close as soon as the 503 is out."""
         self._refused = True
         self.transport = transport
         cast(GatewayServer, self._manager).refused.add(self)
         transport.write(refusal_bytes())
+        if not linger:
+            transport.close()
+            return
         if transport.can_write_eof():
             transport.write_eof()
+        self._lingering = True
+        self._guard.lingering += 1
         self._timer = self._loop.call_later(REFUSED_LINGER_S, transport.abort)
 
     def abort(self) -> None:

@@ -14,6 +14,8 @@
     .venv/bin/python scripts/loadtest.py --scenario resume [--state redis|memory] [--streams 200]
         [--stream-tokens 64] [--stream-token-delay-ms 5] [--concurrency 32] [--seed 1]
         [--detached 500] [--rounds 3] [--duration 5] [--tokens 16]
+    .venv/bin/python scripts/loadtest.py --scenario connections [--connections 10000]
+        [--idle-connections 20000] [--ramp-s 10] [--hold-s 3] [--tokens 16] [--token-delay-ms 0]
 
 Starts ``scripts/mock_upstream.py``, the gateway (``python -m proxy serve``) and
 ``scripts/bare_forwarder.py`` as subprocesses on free 127.0.0.1 ports, then runs three
@@ -135,6 +137,16 @@ CPU, and pin the gateway like the default run:
   detached stream, then after cancelling them. (3) ``--rounds`` interleaved rounds of the
   default run's stream phase against ``memory`` and ``redis-a``: streams/s and the ratio.
   Targets: 100 % intact, resume p99 < 50 ms, streams/s with Redis >= 0.8x memory's.
+
+* ``connections``: one gateway with the default ``server:`` settings, the fast mock behind
+  it (upstream ``max_connections`` = ``--connections``); ``--connections`` slow streams
+  opened over ``--ramp-s``, then ``--idle-connections`` idle keep-alive connections (one
+  ``GET /healthz`` each) over ``--ramp-s``, held ``--hold-s``, then drained; a side request
+  every 250 ms throughout. Reported by phase: streams open, gateway RSS and descriptors,
+  side-request latency; streams intact / refused (503, ``retry-after``, how fast) / failed
+  (before or after admission), idle connections accepted / refused / closed by the gateway
+  and when, ``shepherd_connections_refused_total`` by reason. ``scripts/loadtest_connections.py``
+  has the details. Target: every stream intact, or refused fast with 503 + ``retry-after``.
 
 ``--json PATH`` writes every figure of any scenario, with the gateway's config.
 
@@ -2531,11 +2543,32 @@ def wait_quiet(max_wait_s: float) -> float:
               f"(at most {deadline - time.monotonic():.0f} s more)", file=sys.stderr)
 
 
+def connections_module() -> Any:
+    """``scripts/loadtest_connections.py``, imported when needed (it imports this module;
+    run as a script, this module is registered as ``loadtest`` first so it is not loaded
+    twice)."""
+    if __name__ == "__main__":
+        sys.modules.setdefault("loadtest", sys.modules[__name__])
+        import loadtest_connections  # type: ignore[import-not-found]
+        return loadtest_connections
+    from scripts import loadtest_connections as module
+    return module
+
+
+def run_connections(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
+    doc: dict[str, Any] = connections_module().run_connections(args, fleet)
+    return doc
+
+
+def connections_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    connections_module().connections_report(args, doc)
+
+
 #: ``--scenario`` name -> (run it, print its report).
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace, Fleet], dict[str, Any]],
                            Callable[[argparse.Namespace, dict[str, Any]], None]]] = {
     "overload": (run_overload, overload_report), "failover": (run_failover, failover_report),
-    "resume": (run_resume, resume_report)}
+    "resume": (run_resume, resume_report), "connections": (run_connections, connections_report)}
 
 
 def run_scenario(args: argparse.Namespace) -> int:
@@ -2642,7 +2675,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "on its port at --restart-at; /readyz polled every 100 ms, /metrics read at the end. "
         "--scenario resume: --streams streams cut once at a random byte and resumed (half on "
         "the other instance with --state redis), --detached streams left detached for RSS, "
-        "then --rounds of the stream phase against memory and Redis stream logs")
+        "then --rounds of the stream phase against memory and Redis stream logs. "
+        "--scenario connections: --connections slow streams over --ramp-s, then "
+        "--idle-connections idle keep-alive connections over --ramp-s, held --hold-s, "
+        "against a gateway with the default server settings; a side request every 250 ms")
     add = scenario.add_argument
     add("--scenario", choices=tuple(SCENARIOS), help="run this scenario instead")
     add("--quiet-wait", type=float, default=15.0,
@@ -2662,6 +2698,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--detached", type=int, default=500,
         help="resume: streams left detached for the RSS figure (0: skip)")
     add("--seed", type=int, default=1, help="resume: seed of the cut positions")
+    add("--connections", type=int, default=10_000, help="connections: concurrent streams")
+    add("--idle-connections", type=int, default=20_000,
+        help="connections: idle keep-alive connections opened after the streams")
+    add("--ramp-s", type=float, default=10.0,
+        help="connections: seconds over which the streams, then the idle connections, open")
+    add("--hold-s", type=float, default=3.0, help="connections: seconds everything is held")
     add("--base-ejection-s", type=float, default=2.0,
         help="failover: outlier_detection.base_ejection (the gateway's default, 30, would "
         "keep the restarted mock out for the rest of the run)")
@@ -2686,6 +2728,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                       or args.detached < 0 or args.stream_token_delay_ms < 0):
         parser.error("resume needs --streams and --stream-tokens >= 1, --detached >= 0 and "
                      "--stream-token-delay-ms >= 0")
+    if args.scenario == "connections" and (min(args.connections, args.idle_connections) < 0
+                                           or args.ramp_s <= 0 or args.hold_s < 0
+                                           or args.tokens < 1):
+        parser.error("connections needs --connections, --idle-connections >= 0, --ramp-s > 0, "
+                     "--hold-s >= 0 and --tokens >= 1")
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(args.targets) - set(TARGETS):
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")

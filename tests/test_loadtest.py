@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from scripts import loadtest, loadtest_resume, mock_upstream
+from scripts import loadtest, loadtest_connections, loadtest_resume, mock_upstream
 
 
 @pytest.mark.parametrize("text", ['{"a": "b"}', "x]]", "x]=", "]==]y", ""])
@@ -227,3 +227,132 @@ def test_resume_defaults_to_redis_and_validates() -> None:
     assert loadtest.parse_args([]).state == "memory"
     with pytest.raises(SystemExit):
         loadtest.parse_args(["--scenario", "resume", "--streams", "0"])
+
+
+# -- --scenario connections (scripts/loadtest_connections.py; no network)
+
+
+def sse_body(tokens: int, done: bool = True) -> bytes:
+    """A chat completion stream of ``tokens`` tokens as the gateway frames it."""
+    events = [{"choices": [{"delta": {"content": mock_upstream.token(i)}}]} for i in range(tokens)]
+    body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+@pytest.mark.parametrize(("got", "kind"), [
+    (loadtest_connections.Attempt(200, 5.0, body=sse_body(4), ended=True), "intact"),
+    (loadtest_connections.Attempt(503, 1.0, True, "overloaded"), "refused"),
+    (loadtest_connections.Attempt(None, error="connect: ConnectionRefusedError"), "failed: connect"),
+    (loadtest_connections.Attempt(None, error="head: IncompleteReadError"), "failed: no head"),
+    (loadtest_connections.Attempt(500, 2.0, code="internal_error"), "failed: HTTP 500"),
+    (loadtest_connections.Attempt(200, 5.0, body=sse_body(4, done=False), ended=True),
+     "failed: broken after 200"),
+    (loadtest_connections.Attempt(200, 5.0, body=sse_body(4), ended=False), "failed: broken after 200"),
+    (loadtest_connections.Attempt(200, 5.0, body=sse_body(3), ended=True), "failed: broken after 200"),
+    (loadtest_connections.Attempt(200, 5.0, body=sse_body(4), ended=True,
+                                  error="body: TimeoutError"), "failed: broken after 200"),
+])
+def test_stream_outcomes_are_classified(got: Any, kind: str) -> None:
+    assert loadtest_connections.classify(got, tokens=4)[0] == kind
+
+
+def test_after_admission_is_a_broken_200_or_a_status_other_than_503() -> None:
+    after = loadtest_connections.after_admission
+    assert after("failed: broken after 200")
+    assert after("failed: HTTP 500")
+    assert not any(after(k) for k in ("intact", "refused", "failed: connect", "failed: no head"))
+
+
+def test_a_non_stream_answer_is_ok_once_it_ended() -> None:
+    classify, attempt = loadtest_connections.classify, loadtest_connections.Attempt
+    assert classify(attempt(200, 1.0, body=b"{}", ended=True))[0] == "ok"
+    assert classify(attempt(200, 1.0, body=b"{", ended=False))[0] == "failed: broken after 200"
+
+
+def stream_record(kind: str, head_ms: float | None = 1.0, retry_after: bool = False,
+                  detail: str | None = None) -> dict[str, Any]:
+    return {"kind": kind, "head_ms": head_ms, "retry_after": retry_after, "detail": detail}
+
+
+def test_outcome_summary_counts_admitted_and_refusals() -> None:
+    records = ([stream_record("intact")] * 6
+               + [stream_record("refused", 2.0, True, "overloaded")] * 3
+               + [stream_record("refused", 4.0, False, "overloaded")]
+               + [stream_record("failed: broken after 200", detail="body: X")]
+               + [stream_record("failed: connect", None, detail="connect: E")])
+    out = loadtest_connections.outcome_summary(records, "intact")
+    assert (out["attempted"], out["good"], out["admitted"], out["failed_after_admission"]) == (12, 6, 7, 1)
+    assert out["good_pct"] == pytest.approx(50.0)
+    assert out["good_pct_of_admitted"] == pytest.approx(600 / 7)
+    assert (out["refused"], out["refused_with_retry_after"]) == (4, 3)
+    assert out["refusal_codes"] == {"overloaded": 4}
+    assert out["refusal_ms"]["max"] == 4.0
+    assert out["failures"] == {"failed: broken after 200: body: X": 1, "failed: connect: connect: E": 1}
+    empty = loadtest_connections.outcome_summary([], "intact")
+    assert (empty["good_pct"], empty["good_pct_of_admitted"], empty["refusal_ms"]) == (None, None, None)
+
+
+def test_idle_summary_tells_keepalive_closes_from_early_ones() -> None:
+    ok = [stream_record("ok") | {"closed_after_s": s} for s in (15.0, 15.2, 3.0, None)]
+    out = loadtest_connections.idle_summary([*ok, stream_record("refused", 1.0, True)], 15.0)
+    counts = (out["accepted"], out["closed_by_gateway"], out["closed_early"], out["open_at_end"])
+    assert counts == (4, 3, 1, 1)
+    assert out["closed_after_s"] == {"min": 3.0, "p50": 15.0, "max": 15.2}
+    assert out["refused"] == 1
+
+
+def test_phases_and_peaks_by_phase() -> None:
+    phase_of = loadtest_connections.phase_of
+    assert [phase_of(t, 10, 3) for t in (-0.5, 0, 9.9, 10, 19.9, 20, 22.9, 23)] == [
+        "before", "stream ramp", "stream ramp", "idle ramp", "idle ramp", "hold", "hold", "drain"]
+    samples = [{"t": 1, "fds": 10}, {"t": 5, "fds": 30}, {"t": 12, "fds": 20}, {"t": 21, "fds": None}]
+    peaks = loadtest_connections.phase_peaks(samples, ["fds"], 10, 3)
+    assert peaks["stream ramp"] == {"fds": 30}
+    assert peaks["idle ramp"] == {"fds": 20}
+    assert peaks["hold"] == {"fds": None}
+    assert peaks["before"] == {"fds": None}
+
+
+def test_probe_summary_by_phase_and_failures() -> None:
+    samples = [{"t": 0.5, "kind": "ok", "ms": 2.0, "detail": None},
+               {"t": 12, "kind": "ok", "ms": 8.0, "detail": None},
+               {"t": 12.25, "kind": "refused", "ms": 1.0, "detail": "overloaded"}]
+    out = loadtest_connections.probe_summary(samples, 10, 3)
+    assert (out["sent"], out["ok"]) == (3, 2)
+    assert out["latency_ms"]["max"] == 8.0
+    assert out["by_phase"]["stream ramp"]["p50"] == 2.0
+    assert out["by_phase"]["hold"] is None
+    assert out["not_ok"] == {"refused: overloaded": 1}
+
+
+def test_streams_outlive_both_ramps_and_the_hold() -> None:
+    args = loadtest.parse_args(["--scenario", "connections"])
+    plan = loadtest_connections.Plan.of(args)
+    assert (plan.streams, plan.idle, plan.tokens) == (10_000, 20_000, 16)
+    assert plan.stream_s >= 2 * plan.ramp_s + plan.hold_s
+    specs = loadtest_connections.driver_specs(plan, 8080, 0.0, 10.0)
+    assert [s["mode"] for s in specs] == ["probe", "streams", "idle", "idle"]
+    idle = specs[2:]
+    assert sum(s["count"] for s in idle) == 20_000
+    assert len({s["source"] for s in idle}) == 2
+    assert idle[0]["offset_s"] == plan.ramp_s
+    assert idle[1]["offset_s"] == pytest.approx(1.5 * plan.ramp_s)
+    with pytest.raises(SystemExit):
+        loadtest.parse_args(["--scenario", "connections", "--ramp-s", "0"])
+
+
+def test_parse_head_and_error_code() -> None:
+    status, fields = loadtest_connections.parse_head(
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 2\r\n\r\n")
+    assert (status, fields["retry-after"], fields["content-length"]) == (503, "1", "2")
+    assert loadtest_connections.error_code(b'{"error": {"code": "overloaded"}}') == "overloaded"
+    assert loadtest_connections.error_code(b"nope") is None
+    assert loadtest_connections.refusals(
+        {'shepherd_connections_refused_total{reason="max_connections"}': 3.0,
+         "shepherd_connections_open": 1.0}) == {"max_connections": 3.0}
+
+
+def test_listen_queue_counters_are_read_by_name() -> None:
+    text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 1 7 9\nIpExt: A\nIpExt: 2\n"
+    assert loadtest_connections.tcp_ext(text) == {"ListenOverflows": 7, "ListenDrops": 9}
+    assert loadtest_connections.tcp_ext("") == {}
