@@ -30,9 +30,18 @@ The alias has the same TTLs (refreshed every third of the running TTL). ``reader
 Costs: the mirror sends one EVALSHA per batch, a batch being every frame the log gained while
 the previous EVALSHA was in flight, or within ``batch_interval_s`` if set (at most
 ``MAX_BATCH_FRAMES`` / ``MAX_BATCH_BYTES``), plus a heartbeat (an empty batch) when it sent
-nothing for ``heartbeat_interval_s``. A remote reader costs one pipelined XREAD BLOCK + HMGET
-(one round trip) per batch it receives (a backlog comes ``READ_COUNT`` entries at a time).
-``RedisStreamStats`` counts them.
+nothing for ``heartbeat_interval_s``. The first batch also writes the meta; like any batch it
+waits for a frame, the log's end, ``stop()`` or the heartbeat interval, so a stream whose
+frames and end come at once costs one EVALSHA, and the meta exists at the latest
+``heartbeat_interval_s`` after ``mirror()`` (with the error status and body of a stream that
+failed before its first frame, if it closed by then). A Responses API stream adds a SET of its
+alias with the first batch that knows the response id, every third of the running TTL while
+it runs, and with the last batch (one SET when that is the same batch). A store sends its
+EVALSHAs (every mirror's and reader's) and these SETs in pipelines, one at a time: what was
+asked for while one was in flight shares the next round trip (a SET after its batch's
+EVALSHA), so busy streams cost the producer a fraction of a round trip each. A remote reader
+costs one pipelined XREAD BLOCK + HMGET (one round trip) per batch it receives
+(a backlog comes ``READ_COUNT`` entries at a time). ``RedisStreamStats`` counts them.
 
 Liveness: the producer's mirror beats at least every min(producer_timeout / 3, 1 s). A
 reader whose blocking read finds nothing for ``poll_interval_s`` runs ``stream_interrupt.lua``
@@ -55,8 +64,8 @@ left to expire. Every script is idempotent or conditional, so a call that timed 
 later does no harm.
 
 Scripts live in ``proxy/lua/*.lua`` (each file documents its KEYS, ARGV and reply); they are
-loaded once with ``importlib.resources`` and run with EVALSHA (redis-py's ``AsyncScript``
-loads a script again when Redis answers NOSCRIPT).
+read once with ``importlib.resources`` and run with EVALSHA (a script Redis answers NOSCRIPT
+for is loaded again and its calls run again).
 """
 
 from __future__ import annotations
@@ -79,7 +88,8 @@ import redis.asyncio as redis_asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
 from proxy.streams import (
     StreamInterruptedError,
@@ -106,6 +116,9 @@ MIN_RETENTION_MS = 1000
 #: The most frames, and bytes, one append EVALSHA carries (a backlog goes in several).
 MAX_BATCH_FRAMES = 512
 MAX_BATCH_BYTES = 1024 * 1024
+#: Connections to Redis per process: remote readers hold one during each blocking read
+#: (at most ``POLL_MAX_S``), the EVALSHA pipeline one, lookups one each.
+MAX_CONNECTIONS = 512
 #: The most entries one read of a remote reader returns.
 READ_COUNT = 512
 #: The field of a stream entry that holds the frame.
@@ -205,13 +218,33 @@ class RedisStreamStats:
     """
 
     evalsha_calls: int = 0  # every EVALSHA (all scripts)
-    commands: int = 0  # every Redis command (EVALSHA, XRANGE, XREAD, HMGET, GET, SET, ...)
+    pipelines: int = 0  # the round trips that carried them
+    commands: int = 0  # every Redis command (EVALSHA, XREAD, HMGET, GET, SET, ...) but SCRIPT LOAD
     append_calls: int = 0  # stream_append EVALSHAs that carried frames
     heartbeat_calls: int = 0  # stream_append EVALSHAs that carried none
     frames_mirrored: int = 0
     bytes_mirrored: int = 0
     interrupts: int = 0  # streams a reader here ended (their producer's heartbeat was stale)
     errors: int = 0  # failed or refused Redis operations (also reported to ``on_error``)
+
+
+class _Queued(NamedTuple):
+    """A command waiting in the store's queue for the next pipeline."""
+
+    command: tuple[str | int | bytes, ...]  # e.g. ("EVALSHA", sha, 2, key, key, arg, ...)
+    script: AsyncScript | None  # an EVALSHA's script: loaded again after NOSCRIPT
+    reply: asyncio.Future[Any]
+
+
+def _settle(future: asyncio.Future[Any], reply: Any) -> None:
+    """Hand ``reply`` (an exception: raise it) to the caller waiting on ``future``, if it
+    still waits."""
+    if future.done():
+        return
+    if isinstance(reply, BaseException):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)
 
 
 class _Progress(NamedTuple):
@@ -270,10 +303,15 @@ class RedisStreamStore:
                  maxlen: int, on_error: Callable[[], None] = lambda: None,
                  instance_id: str | None = None, presence_ttl_s: float = 3.0,
                  batch_interval_s: float = 0.0) -> None:
-        self.redis: Redis = redis_asyncio.Redis.from_url(
-            redis_url, socket_connect_timeout=max(timeout_s, 0.5),
+        # A blocking pool: past MAX_CONNECTIONS a call waits (within its own timeout) for a
+        # connection instead of failing (redis-py's default pool raises MaxConnectionsError
+        # at 100, which ended mirrors and remote readers under a burst of streams).
+        pool = redis_asyncio.BlockingConnectionPool.from_url(
+            redis_url, max_connections=MAX_CONNECTIONS, timeout=None,
+            socket_connect_timeout=max(timeout_s, 0.5),
             socket_timeout=POLL_MAX_S + max(timeout_s * 4, 1.0), health_check_interval=0,
             retry=Retry(NoBackoff(), 0))  # our own timeouts decide; every script is idempotent
+        self.redis: Redis = redis_asyncio.Redis.from_pool(pool)  # closes the pool on aclose()
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
         self.maxlen = maxlen
@@ -290,13 +328,14 @@ class RedisStreamStore:
         self.stats = RedisStreamStats()
         self._on_error = on_error
         self._scripts = {name: self.redis.register_script(_load_lua(name)) for name in (
-            "stream_open", "stream_append", "stream_interrupt", "stream_cancel",
-            "reader_touch", "reader_count")}
+            "stream_append", "stream_interrupt", "stream_cancel", "reader_touch", "reader_count")}
         self._mirrors: set[StreamMirror] = set()
         self._readers: dict[str, RemoteStreamReader] = {}
         self._reader_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._presence_task: asyncio.Task[None] | None = None
+        self._queued: list[_Queued] = []
+        self._sender: asyncio.Task[None] | None = None
         self._quiet_until: dict[FailureKind, float] = {}
         self._unlogged: dict[FailureKind, int] = {}
         self._closed = False
@@ -316,10 +355,12 @@ class RedisStreamStore:
     def mirror(self, log: StreamLog, on_cancel: Callable[[], None]) -> StreamMirror | None:
         """Start copying ``log`` into Redis, in a task this store owns (``close`` ends it).
 
-        Call it right after the log is created (before frames can be trimmed). The mirror
-        attaches to the log as a follower cursor, writes the meta at once (owner, endpoint,
-        ``log.headers``), then one batch per EVALSHA, and the final state when the log
-        closes (with ``log.error``'s status and body, and the ``log.response_id`` alias).
+        Call it right after the log is created (before frames can be trimmed), with
+        ``log.headers`` and ``log.endpoint`` set. The mirror attaches to the log as a
+        follower cursor and sends one batch per EVALSHA: the first also writes the meta
+        (owner, endpoint, ``log.headers``), as soon as the log has a frame or ended, or
+        within ``heartbeat_interval_s``; the last writes the final state (with
+        ``log.error``'s status and body, and the ``log.response_id`` alias).
         ``on_cancel`` is called (once, from the mirror's task) when a cancel was requested
         on any instance, or when a reader ended the stream as interrupted; it should cancel
         the producer. Returns ``None`` (and mirrors nothing) once the store is closed or
@@ -459,17 +500,94 @@ class RedisStreamStore:
     # --- plumbing ------------------------------------------------------------------------
 
     async def _eval(self, script: str, keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
-        """EVALSHA the script ``proxy/lua/<script>.lua`` within ``timeout_s`` (loaded again
-        if Redis answers NOSCRIPT).
+        """EVALSHA the script ``proxy/lua/<script>.lua``: its reply within ``timeout_s``.
 
         Raises:
             RedisError, OSError, TimeoutError: Redis failed or did not answer in time.
+        Cancelling is safe; the script may still run (each is idempotent or conditional).
         """
+        [reply] = await self._replies(self._eval_soon(script, keys, args))
+        return reply
+
+    def _eval_soon(self, script: str, keys: Sequence[str],
+                   args: Sequence[str | int | bytes]) -> asyncio.Future[Any]:
+        """Queue an EVALSHA of ``proxy/lua/<script>.lua`` (see ``_soon``)."""
         self.stats.evalsha_calls += 1
+        lua = self._scripts[script]
+        return self._soon(("EVALSHA", lua.sha, len(keys), *keys, *args), lua)
+
+    def _soon(self, command: tuple[str | int | bytes, ...],
+              script: AsyncScript | None = None) -> asyncio.Future[Any]:
+        """Queue ``command`` for the store's sender (``_send_queued``); the future gets its
+        reply, or raises its error. Every command queued while the previous pipeline was in
+        flight goes in the next one, in order: one round trip (redis-py spends much of its
+        CPU per round trip: pool, socket, timeouts). Await it with ``_replies``."""
         self.stats.commands += 1
-        lua: AsyncScript = self._scripts[script]
+        reply = asyncio.get_running_loop().create_future()
+        self._queued.append(_Queued(command, script, reply))
+        if self._sender is None or self._sender.done():
+            self._sender = self._spawn(self._send_queued())
+        return reply
+
+    async def _replies(self, *futures: asyncio.Future[Any]) -> list[Any]:
+        """The replies of queued commands, within ``timeout_s``.
+
+        Raises:
+            RedisError, OSError, TimeoutError: Redis failed or did not answer in time (the
+                error of the first that failed; the others' are retrieved too).
+        Cancelling is safe: commands not sent yet are dropped, the others may still run.
+        """
         async with asyncio.timeout(self.timeout_s):
-            return await lua(keys=list(keys), args=list(args))
+            if len(futures) == 1:  # most calls: without gather's bookkeeping
+                return [await futures[0]]
+            return await asyncio.gather(*futures)
+
+    async def _send_queued(self) -> None:
+        """Send the queued commands, one pipeline at a time, until the queue is empty (then
+        this task ends; the next ``_soon`` starts another). Never raises: each command's
+        future gets its reply or the error."""
+        while self._queued:
+            queued = [q for q in self._queued if not q.reply.done()]  # not timed out meanwhile
+            self._queued = []
+            if queued:
+                await self._send(queued)
+
+    async def _send(self, queued: list[_Queued]) -> None:
+        """Run ``queued`` in one pipeline within ``timeout_s`` and settle their futures."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                replies = await self._pipeline(queued)
+        except RedisFailure as exc:
+            replies = [exc] * len(queued)
+        except asyncio.CancelledError:  # close() cancelled the sender: nobody waits in vain
+            for q in queued:
+                _settle(q.reply, RedisConnectionError("the stream store closed"))
+            raise
+        for q, reply in zip(queued, replies, strict=True):
+            _settle(q.reply, reply)
+
+    async def _pipeline(self, queued: list[_Queued], reload: bool = True) -> list[Any]:
+        """The reply of each command (a ``ResponseError`` for one that failed) from one
+        pipeline; scripts Redis lost (NOSCRIPT: a restart, a failover, SCRIPT FLUSH) are
+        loaded again and their EVALSHAs run again, once.
+
+        Raises:
+            RedisError, OSError: Redis failed.
+        """
+        self.stats.pipelines += 1
+        pipe = self.redis.pipeline(transaction=False)
+        for q in queued:
+            pipe.execute_command(*q.command)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost and reload:
+            for script in {queued[i].script for i in lost}:
+                if script is not None:
+                    await self.redis.script_load(script.script)
+            again = await self._pipeline([queued[i] for i in lost], reload=False)
+            for i, reply in zip(lost, again, strict=True):
+                replies[i] = reply
+        return replies
 
     def _report(self, kind: FailureKind, stream_id: str, reason: str) -> None:
         """Count a failed or refused Redis operation and log it (at most once per kind per
@@ -517,6 +635,8 @@ class RedisStreamStore:
 
 
 MirrorState = Literal["opening", "mirroring", "finished", "stopped", "fenced", "failed"]
+#: The meta fields of ``stream_append.lua`` once the meta exists (Redis ignores them).
+_NO_META_FIELDS = ("", "", "", "")
 
 
 class StreamMirror:
@@ -531,9 +651,10 @@ class StreamMirror:
         task: the task running ``run()`` (owned by the store).
         sent_seq: the seq of the newest frame Redis has.
         batches: append EVALSHAs that carried frames.
-        state: opening, mirroring, then finished (the final state is in Redis), stopped
-            (``stop()`` before the log closed), fenced (a reader ended the stream as
-            interrupted) or failed (Redis failed; the meta is left to expire).
+        state: opening (no meta in Redis yet), mirroring, then finished (the final state is
+            in Redis), stopped (``stop()`` before the log closed), fenced (a reader ended the
+            stream as interrupted) or failed (Redis failed, or the stream was there already;
+            the meta is left to expire).
     """
 
     __slots__ = ("log", "task", "sent_seq", "batches", "state", "_store", "_keys", "_on_cancel",
@@ -553,7 +674,7 @@ class StreamMirror:
         self._cancelled = False
         self._stopping = False
         self._idle_timeout: asyncio.Timeout | None = None
-        self._last_call_at = 0.0
+        self._last_call_at = asyncio.get_running_loop().time()  # the first beat is due from now
         self._alias_at: float | None = None
         log.add_cursor(id(self), self.sent_seq, follower=True)
 
@@ -562,21 +683,20 @@ class StreamMirror:
                 f"{self.log.last_seq}, {self.batches} batches]>")
 
     def stop(self) -> None:
-        """Send what the log holds now (and its final state if it closed), then end
-        (``close`` of the store calls it)."""
+        """Send what the log holds now (with the meta if not sent yet, and the final state
+        if the log closed), then end (``close`` of the store calls it)."""
         self._stopping = True
         timeout = self._idle_timeout
         if timeout is not None and not timeout.expired():
             timeout.reschedule(asyncio.get_running_loop().time())
 
     async def run(self) -> None:
-        """Write the meta, then batches until the final state is written, the stream was
-        fenced or ``stop()`` was called. Never raises (Redis failures are counted and end
-        the mirror); on any exit, cancellation included, the cursor is detached."""
+        """Write batches (the first with the meta) until the final state is written, the
+        stream was fenced or ``stop()`` was called. Never raises (Redis failures are counted
+        and end the mirror); on any exit, cancellation included, the cursor is detached."""
         try:
-            if await self._open():
-                while await self._step():
-                    pass
+            while await self._step():
+                pass
         except RedisFailure as exc:
             self._fail(type(exc).__name__)
         except StreamTrimmedError:  # the registry evicted the log under a stalled mirror
@@ -584,31 +704,18 @@ class StreamMirror:
         finally:
             self.log.remove_cursor(id(self))
 
-    async def _open(self) -> bool:
-        log, store = self.log, self._store
-        epoch = await store._eval("stream_open", [self._keys.meta], [
-            log.owner, store.instance_id, log.endpoint, orjson.dumps(log.headers),
-            store.running_ttl_ms])
-        self._last_call_at = asyncio.get_running_loop().time()
-        if not epoch:
-            self._fail("stream_exists")
-            return False
-        self._epoch = int(epoch)
-        self.state = "mirroring"
-        return True
-
     async def _step(self) -> bool:
-        """Send one batch (empty: a heartbeat); ``False`` once the mirror is done."""
+        """Send one batch (empty: a heartbeat; the first also writes the meta, even when
+        ``stop()`` was called); ``False`` once the mirror is done."""
         await self._idle()
         await self._linger()
         frames = self._batch()
         final = self.log.closed and self.sent_seq + len(frames) == self.log.last_seq
-        if self._stopping and not frames and not final:
+        if self._stopping and not frames and not final and self.state != "opening":
             self.state = "stopped"
             return False
         if not await self._append(frames, final):
             return False
-        await self._sync_alias(final)
         if final:
             self.state = "finished"
         return not final
@@ -646,40 +753,62 @@ class StreamMirror:
         return frames
 
     async def _append(self, frames: list[bytes], final: bool) -> bool:
-        """EVALSHA ``stream_append.lua``; ``False`` when Redis refused the batch."""
-        log, store = self.log, self._store
-        error = log.error if final else None
-        reply = await store._eval("stream_append", [self._keys.events, self._keys.meta], [
-            self._epoch, self.sent_seq + 1, store.maxlen,
-            store.retention_ms if final else store.running_ttl_ms,
-            log.state.value if final else StreamState.RUNNING.value,
-            "" if error is None else error.http_status,
-            b"" if error is None else orjson.dumps(error.to_body()), *frames])
+        """EVALSHA ``stream_append.lua``, and SET the Responses API alias when it is due,
+        after it in the same pipeline (so the alias names a stream Redis holds, a NOSCRIPT
+        retry aside; if Redis refuses the batch the alias names a stream that is unknown or
+        ended, as any alias may); ``False`` when Redis refused the batch."""
+        store, data = self._store, b"".join(frames)
+        appended = store._eval_soon("stream_append", [self._keys.events, self._keys.meta],
+                                    self._append_args(frames, data, final))
+        alias = self._alias_soon(final)
+        reply, *_ = await store._replies(appended, *([] if alias is None else [alias]))
         self._last_call_at = asyncio.get_running_loop().time()
-        status, cancel_requested, _last_seq = reply
+        status, cancel_requested, _last_seq, epoch = reply
         if status != b"ok":
             self._refused(status.decode())
             return False
-        self._count(frames)
+        self._epoch = int(epoch)
+        self.state = "mirroring"
+        self._count(len(frames), len(data))
         self.sent_seq += len(frames)
-        log.ack(id(self), self.sent_seq)
+        self.log.ack(id(self), self.sent_seq)
         if cancel_requested:
             self._cancel()
         return True
 
-    def _count(self, frames: list[bytes]) -> None:
+    def _append_args(self, frames: list[bytes], data: bytes, final: bool) -> list[str | int | bytes]:
+        """ARGV of ``stream_append.lua`` for ``frames`` (``data``: them concatenated)."""
+        log, store = self.log, self._store
+        error = log.error if final else None
+        return [self._epoch, self.sent_seq + 1, store.maxlen,
+                store.retention_ms if final else store.running_ttl_ms,
+                log.state.value if final else StreamState.RUNNING.value,
+                "" if error is None else error.http_status,
+                b"" if error is None else orjson.dumps(error.to_body()),
+                *self._meta_fields(), b" ".join(b"%d" % len(frame) for frame in frames), data]
+
+    def _meta_fields(self) -> tuple[str | bytes, ...]:
+        """ARGV[8..11] of ``stream_append.lua``: owner, instance, endpoint and headers for
+        the call that writes the meta (epoch 0), blanks after it."""
+        if self._epoch:
+            return _NO_META_FIELDS
+        log = self.log
+        return log.owner, self._store.instance_id, log.endpoint, orjson.dumps(log.headers)
+
+    def _count(self, frames: int, size_bytes: int) -> None:
         stats = self._store.stats
         if frames:
             self.batches += 1
             stats.append_calls += 1
-            stats.frames_mirrored += len(frames)
-            stats.bytes_mirrored += sum(len(f) for f in frames)
+            stats.frames_mirrored += frames
+            stats.bytes_mirrored += size_bytes
         else:
             stats.heartbeat_calls += 1
 
     def _refused(self, status: str) -> None:
-        """The stream was ended elsewhere ("fenced": stop the producer) or its meta is gone
-        or inconsistent (a failure: the local stream goes on unmirrored)."""
+        """The stream was ended elsewhere ("fenced": stop the producer), or its meta is
+        gone or inconsistent, or was there before the first call (a failure: the local
+        stream goes on unmirrored)."""
         if status == "fenced":
             self.state = "fenced"
             error_log.warning("stream ended elsewhere (interrupted); stopping its producer",
@@ -697,19 +826,19 @@ class StreamMirror:
         self.state = "failed"
         self._store._report("mirror", self.log.stream_id, reason)
 
-    async def _sync_alias(self, final: bool) -> None:
-        """Write (or refresh, every third of the running TTL) the Responses API alias."""
+    def _alias_soon(self, final: bool) -> asyncio.Future[Any] | None:
+        """Queue the SET of the Responses API alias if it is due: once the response id is
+        known, then every third of the running TTL, and with the final batch (``None``: not
+        due, or no response id)."""
         response_id, store = self.log.response_id, self._store
         if response_id is None:
-            return
+            return None
         now = asyncio.get_running_loop().time()
         if not final and self._alias_at is not None and now - self._alias_at < store.running_ttl_ms / 3000:
-            return
-        async with asyncio.timeout(store.timeout_s):
-            store.stats.commands += 1
-            await store.redis.set(response_key(store.key_prefix, response_id), self.log.stream_id,
-                                  px=store.retention_ms if final else store.running_ttl_ms)
+            return None
         self._alias_at = now
+        return store._soon(("SET", response_key(store.key_prefix, response_id), self.log.stream_id,
+                            "PX", store.retention_ms if final else store.running_ttl_ms))
 
 
 class RemoteStreamReader:

@@ -10,6 +10,7 @@ Timeouts are short (``producer_timeout`` of 0.2-2 s) so the file runs in seconds
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -111,6 +112,15 @@ async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> float:
         while not condition():  # noqa: ASYNC110 -- the state of another task; it has no event
             await asyncio.sleep(0.005)
     return time.monotonic() - started
+
+
+async def warm_up(store: RedisStreamStore) -> None:
+    """Mirror one short stream, so that Redis has loaded ``stream_append.lua`` (a NOSCRIPT
+    would add a round trip to what a test counts)."""
+    log = new_log()
+    mirror = mirror_of(store, log)
+    log.finish(DONE_FRAME)
+    await until(lambda: mirror.state == "finished")
 
 
 async def read_to_end(reader: RemoteStreamReader, timeout_s: float = 10.0) -> list[bytes]:
@@ -626,47 +636,207 @@ async def test_a_burst_of_frames_takes_far_fewer_evalshas_than_frames(
     stats = store_a.stats
     assert stats.frames_mirrored == BURST_FRAMES + 1
     assert stats.append_calls <= most_evalshas, stats
-    assert stats.evalsha_calls == 1 + stats.append_calls + stats.heartbeat_calls  # open + batches
+    assert stats.evalsha_calls == stats.append_calls + stats.heartbeat_calls  # the first writes the meta
     info = await store_b.info(log.stream_id)
     assert info is not None
     assert await read_to_end(store_b.reader(info, 0)) == log.frames
 
 
-async def test_mirroring_survives_a_script_flush(redis_server: RedisServer, make_store: MakeStore) -> None:
+async def test_a_stream_whose_frames_and_end_come_at_once_costs_one_evalsha(
+        make_store: MakeStore) -> None:
     store_a, store_b = make_store("A"), make_store("B")
     log = new_log()
     mirror = mirror_of(store_a, log)
+    for i in range(16):  # a short stream: every event came in one upstream read
+        log.append(frame(i))
+    log.finish(DONE_FRAME)
+
+    await until(lambda: mirror.state == "finished")
+
+    assert store_a.stats.evalsha_calls == store_a.stats.commands == 1  # meta, frames, end
+    assert (store_a.stats.append_calls, store_a.stats.heartbeat_calls) == (1, 0)
+    info = await store_b.info(log.stream_id)
+    assert info is not None
+    assert (info.owner, info.instance_id, info.state, info.endpoint, info.headers) == (
+        OWNER, "A", StreamState.DONE, "chat.completions", HEADERS)
+    assert await read_to_end(store_b.reader(info, 0)) == log.frames
+
+
+async def test_a_short_responses_stream_sets_its_alias_once_in_the_round_trip_of_its_batch(
+        make_store: MakeStore) -> None:
+    store_a = make_store("A")
+    await warm_up(store_a)
+    before = dataclasses.replace(store_a.stats)
+    log = new_log()
+    log.response_id = "resp_short"
+    mirror = mirror_of(store_a, log)
+    for i in range(4):
+        log.append(frame(i))
+    log.finish(DONE_FRAME)
+
+    await until(lambda: mirror.state == "finished")
+
+    stats = store_a.stats
+    assert stats.evalsha_calls - before.evalsha_calls == 1
+    assert stats.commands - before.commands == 2  # the EVALSHA and one SET of the alias
+    assert stats.pipelines - before.pipelines == 1  # in one round trip
+    assert await store_a.find_response("resp_short") == log.stream_id
+    assert 59_000 < await store_a.redis.pttl(f"{PREFIX}{{resp_short}}:stream") <= 60_000
+
+
+async def test_the_meta_of_a_stream_without_frames_exists_within_the_heartbeat_interval(
+        make_store: MakeStore) -> None:
+    store_a = make_store("A", producer_timeout_s=0.6)  # beats every 0.2 s
+    store_b = make_store("B", producer_timeout_s=0.6)
+    log = new_log()
+    cancelled = asyncio.Event()
+    started = time.monotonic()
+    mirror = mirror_of(store_a, log, cancelled.set)
+    await asyncio.sleep(0.05)
+    assert await store_b.info(log.stream_id) is None  # it waits for a frame, like a batch
+    assert (mirror.state, store_a.stats.evalsha_calls) == ("opening", 0)
+
+    await until(lambda: mirror.state == "mirroring", timeout_s=1.0)
+
+    assert time.monotonic() - started <= store_a.heartbeat_interval_s + 0.1
+    info = await store_b.info(log.stream_id)
+    assert info is not None
+    assert (info.owner, info.instance_id, info.state, info.last_seq, info.headers) == (
+        OWNER, "A", StreamState.RUNNING, 0, HEADERS)
+    assert (store_a.stats.append_calls, store_a.stats.heartbeat_calls) == (0, 1)
+    reader = store_b.reader(info, 0)
+    assert await reader.next(0.9) == []  # alive: heartbeats, no interrupt, for > producer_timeout
+    assert store_b.stats.interrupts == 0
+    assert await store_b.cancel(log.stream_id) is True  # the cancel reaches the producer
+    async with asyncio.timeout(1.0):
+        await cancelled.wait()
+    error = UpstreamError("The stream was cancelled.", code="stream_cancelled")
+    log.fail(error, error_frame(error))  # before its first frame: an HTTP error, no frame
+    await until(lambda: mirror.state == "finished")
+    info = await store_b.info(log.stream_id)
+    assert info is not None
+    assert (info.state, info.last_seq, info.error_status, info.error_body) == (
+        StreamState.FAILED, 0, error.http_status, error.to_body())
+    assert await reader.next(1.0) is None
+
+
+async def test_a_stream_mirrored_twice_fails_the_second_mirror(make_store: MakeStore) -> None:
+    store_a, store_b = make_store("A"), make_store("B")
+    log = new_log()
+    first = mirror_of(store_a, log)
     log.append(frame(0))
-    await until(lambda: mirror.sent_seq == 1)
+    await until(lambda: first.sent_seq == 1)
+    twin = StreamLog(log.stream_id, "someone-else")  # the same id: refused, nothing written
+    errors_before = store_b.stats.errors
+    second = mirror_of(store_b, twin)
+    twin.append(frame(99))
+
+    await until(lambda: second.state == "failed")
+
+    assert store_b.stats.errors == errors_before + 1
+    info = await store_a.info(log.stream_id)
+    assert info is not None
+    assert (info.owner, info.instance_id, info.last_seq) == (OWNER, "A", 1)
+    log.finish(DONE_FRAME)
+    await until(lambda: first.state == "finished")
+
+
+async def test_mirroring_survives_a_script_flush(redis_server: RedisServer, make_store: MakeStore) -> None:
+    store_a, store_b = make_store("A"), make_store("B")
+    logs = [new_log() for _ in range(3)]
+    mirrors = [mirror_of(store_a, log) for log in logs]
+    for log in logs:
+        log.append(frame(0))
+    await until(lambda: all(m.sent_seq == 1 for m in mirrors))
 
     async with redis_asyncio.Redis.from_url(redis_server.url) as admin:
         await admin.script_flush()  # a restart or failover empties the script cache
-    await produce(log, 3, start=1, delay_s=0)  # NOSCRIPT: loaded again, then run
-    await until(lambda: mirror.state == "finished")
+    before = dataclasses.replace(store_a.stats)
+    for log in logs:  # three batches in one pipeline: three NOSCRIPTs
+        for i in range(1, 4):
+            log.append(frame(i))
+        log.finish(DONE_FRAME)
+    await until(lambda: all(m.state == "finished" for m in mirrors))
 
+    assert store_a.stats.pipelines - before.pipelines == 2  # the script loaded, the three again
+    for log in logs:
+        info = await store_b.info(log.stream_id)
+        assert info is not None
+        assert info.last_seq == 5
+    assert store_a.stats.errors == 0
+
+
+async def test_evalshas_asked_for_together_share_one_round_trip(make_store: MakeStore) -> None:
+    store_a, store_b = make_store("A"), make_store("B")
+    await warm_up(store_a)
+    before = dataclasses.replace(store_a.stats)
+    logs = [new_log() for _ in range(20)]
+    mirrors = [mirror_of(store_a, log) for log in logs]
+    for log in logs:  # 20 short streams end in the same event-loop iteration
+        for i in range(3):
+            log.append(frame(i))
+        log.finish(DONE_FRAME)
+
+    await until(lambda: all(m.state == "finished" for m in mirrors))
+
+    assert store_a.stats.evalsha_calls - before.evalsha_calls == 20
+    assert store_a.stats.pipelines - before.pipelines == 1
+    for log in logs:
+        info = await store_b.info(log.stream_id)
+        assert info is not None
+        assert (info.state, info.last_seq) == (StreamState.DONE, 4)
+    assert store_a.stats.errors == 0
+
+
+async def test_a_stalled_redis_fails_the_calls_in_time_and_later_ones_go_through(
+        redis_server: RedisServer, make_store: MakeStore) -> None:
+    errors = Errors()
+    store_a, store_b = make_store("A", timeout_s=0.3, on_error=errors), make_store("B")
+    stalled = new_log()
+    mirror = mirror_of(store_a, stalled)
+    stalled.append(frame(0))
+    await until(lambda: mirror.sent_seq == 1)
+    async with redis_asyncio.Redis.from_url(redis_server.url) as admin:
+        await admin.execute_command("CLIENT", "PAUSE", 800)  # every command waits 0.8 s
+
+    started = time.monotonic()
+    stalled.append(frame(1))
+    assert await store_a.has_remote_readers(stalled.stream_id) is False  # timed out: counted
+    await until(lambda: mirror.state == "failed")
+
+    assert time.monotonic() - started <= 0.3 + 0.15  # timeout_s
+    assert errors.count == 2
+    await asyncio.sleep(0.6)  # the pause is over
+    log = new_log()
+    later = mirror_of(store_a, log)
+    await produce(log, 2, delay_s=0)
+    await until(lambda: later.state == "finished")
     info = await store_b.info(log.stream_id)
     assert info is not None
-    assert info.last_seq == 5
-    assert store_a.stats.errors == 0
+    assert (info.state, info.last_seq) == (StreamState.DONE, 3)
+    assert errors.count == 2
 
 
 async def test_close_flushes_finished_logs_and_leaves_running_ones_to_be_interrupted(
         make_store: MakeStore) -> None:
     store_a, store_b = make_store("A"), make_store("B")
-    finished, running = new_log(), new_log()
-    mirrors = [mirror_of(store_a, finished), mirror_of(store_a, running)]
+    finished, running, silent = new_log(), new_log(), new_log()
+    mirrors = [mirror_of(store_a, log) for log in (finished, running, silent)]
     for log in (finished, running):
         await produce(log, 3, delay_s=0, finish=log is finished)
 
     await store_a.close()
 
-    assert [m.state for m in mirrors] == ["finished", "stopped"]
+    assert [m.state for m in mirrors] == ["finished", "stopped", "stopped"]
     assert store_a.mirror(new_log(), lambda: None) is None  # closed: mirrors nothing
     done, live = await store_b.info(finished.stream_id), await store_b.info(running.stream_id)
     assert done is not None
     assert (done.state, done.last_seq) == (StreamState.DONE, 4)
     assert live is not None
     assert (live.state, live.last_seq) == (StreamState.RUNNING, 3)
+    no_frame = await store_b.info(silent.stream_id)  # stop() writes the meta it owed
+    assert no_frame is not None
+    assert (no_frame.state, no_frame.last_seq) == (StreamState.RUNNING, 0)
     assert running.readers == 0
     assert finished.readers == 0
     assert repr(store_a) == ("<RedisStreamStore A [mirrors: 0, readers: 0 | evalsha: "
