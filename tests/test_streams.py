@@ -37,6 +37,7 @@ from proxy.streams import (
     parse_seq,
     valid_stream_id,
 )
+from tests.test_balancer import FakeClock
 
 TIMEOUT_S = 2.0
 DETACH_S = 0.05  # a detach timeout short enough to wait for with real asyncio
@@ -109,19 +110,6 @@ async def ended(task: asyncio.Task[Any] | None, within_s: float = TIMEOUT_S) -> 
     """Wait for ``task`` to end, however it ends."""
     assert task is not None
     await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), within_s)
-
-
-class FakeClock:
-    """Monotonic seconds that only move when a test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class SkewedClock(FakeClock):
