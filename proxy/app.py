@@ -164,11 +164,12 @@ async def _health_probes(app: web.Application) -> AsyncIterator[None]:
 
 
 async def probe_forever(gateway: Gateway, upstream: Upstream) -> None:
-    """Probe ``upstream`` every ``health_check.interval``; log each health change."""
+    """Probe ``upstream`` every ``health_check.interval``; log each health change. A probe
+    the gateway could not even send (short of descriptors) is not held against it."""
     check = upstream.config.health_check
     while True:
         ok = await upstream.probe(check.path, check.timeout_s)
-        changed = gateway.balancer.record_probe(upstream.name, ok)
+        changed = gateway.balancer.record_probe(upstream.name, ok) if ok is not None else None
         if changed is not None:
             log.warning("upstream health changed", extra={
                 "upstream": upstream.name, "healthy": changed})

@@ -152,15 +152,19 @@ class Upstream:
         self._session = None
         self._connector = None
 
-    async def probe(self, path: str, timeout_s: float) -> bool:
+    async def probe(self, path: str, timeout_s: float) -> bool | None:
         """One active health probe: ``GET <base_url><path>``; True on a 2xx within
-        ``timeout_s``. Never raises (cancelling is safe)."""
+        ``timeout_s``, False otherwise, ``None`` when the gateway itself could not connect
+        (short of descriptors or ports: says nothing of the upstream). Never raises
+        (cancelling is safe)."""
         try:
             async with asyncio.timeout(timeout_s), self.session.get(
                 self.url(path), headers=self._fixed_headers, allow_redirects=False
             ) as response:
                 await response.read()
                 return 200 <= response.status < 300
+        except aiohttp.ClientConnectorError as exc:
+            return None if exc.os_error.errno in LOCAL_CONNECT_ERRNOS else False
         except (aiohttp.ClientError, TimeoutError, RuntimeError):
             return False
 

@@ -248,3 +248,21 @@ def test_a_connect_failure_of_the_gateways_own_making_is_local(code: int, local:
     assert isinstance(error, UpstreamConnectionError)
     assert error.local is local
     assert error.http_status == 502
+
+
+async def test_a_probe_the_gateway_could_not_send_says_nothing_of_the_upstream() -> None:
+    """Out of descriptors the probe's connect fails locally: ``None`` (not recorded), while
+    a refused connection is a failed probe (``False``)."""
+    upstream = make_upstream("http://127.0.0.1:9/v1")
+    await upstream.start()
+    try:
+        assert await upstream.probe("/models", 1.0) is False  # port 9: connection refused
+        key = ConnectionKey("127.0.0.1", 9, False, True, None, None, None)
+
+        def out_of_descriptors(*_args: object, **_kwargs: object) -> None:
+            raise aiohttp.ClientConnectorError(key, OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+
+        upstream.session.get = out_of_descriptors  # type: ignore[method-assign]
+        assert await upstream.probe("/models", 1.0) is None
+    finally:
+        await upstream.close()
