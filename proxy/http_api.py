@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import msgspec
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,6 +45,7 @@ from proxy.relay import (
     EMBEDDINGS,
     RESPONSES,
     Endpoint,
+    RequestHead,
     Route,
     UnaryResult,
     send_unary,
@@ -175,13 +177,19 @@ async def read_body(request: web.Request) -> bytes:
         RequestTooLargeError: declared or actual size over the limit (413), before any
             upstream is contacted.
     """
-    limit = request.app[GATEWAY].settings.server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(request)
+    _check_declared_size(request)
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
+
+
+def _check_declared_size(request: web.Request) -> None:
+    """Raise ``RequestTooLargeError`` (413) if ``Content-Length`` is over
+    ``server.max_body_bytes``."""
+    limit = request.app[GATEWAY].settings.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(request)
 
 
 async def check_before_continue(request: web.Request) -> web.StreamResponse | None:
@@ -191,9 +199,7 @@ async def check_before_continue(request: web.Request) -> web.StreamResponse | No
     (the model and limits are checked once the body is read, before any upstream)."""
     try:
         request.app[GATEWAY].keys.authenticate(request.headers)
-        limit = request.app[GATEWAY].settings.server.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise _too_large(request)
+        _check_declared_size(request)
         if request.headers.get("Expect", "").lower() != "100-continue":
             raise ExpectationFailedError("Only `Expect: 100-continue` is supported.")
     except GatewayError as exc:
@@ -493,13 +499,14 @@ async def _relay_passthrough(request: web.Request, upstream: Upstream,
 
 
 def _json_model(request: web.Request, body: bytes) -> str | None:
+    """The ``model`` of a JSON body, read like an inference body's (``RequestHead``: the
+    rest is skipped, never decoded); ``None`` when there is none."""
     if not body or request.content_type != "application/json":
         return None
     try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        model = msgspec.json.decode(body, type=RequestHead).model
+    except msgspec.MsgspecError:
         return None
-    model = payload.get("model") if isinstance(payload, dict) else None
     return model if isinstance(model, str) and model else None
 
 

@@ -59,7 +59,7 @@ from proxy.streams import (
     StreamState,
     StreamTrimmedError,
     UnaryAnswer,
-    check_cursor,
+    nothing_left,
 )
 from proxy.upstream import Headers, Upstream, response_headers
 
@@ -440,8 +440,7 @@ async def _attach_local(gateway: Gateway, log: StreamLog, after_seq: int) -> Str
     _note_stream(log.stream_id)
     if log.error is not None:
         raise log.error
-    check_cursor(after_seq, log.first_seq, log.last_seq)
-    if log.closed and after_seq == log.last_seq:
+    if nothing_left(after_seq, log.first_seq, log.last_seq, log.closed):
         return None
     gateway.metrics.stream_resumes.labels("local").inc()
     return await _first_event(gateway.streams.attach(log, after_seq))
@@ -453,9 +452,8 @@ async def _resume_remote(gateway: Gateway, principal: Principal, stream_id: str,
     info = await _remote_info(gateway, principal, stream_id, after_seq)
     if info.error_status is not None and info.error_body is not None:
         raise UpstreamStatusError(info.error_status, info.error_body)
-    check_cursor(after_seq, info.first_seq, info.last_seq)
     _note_stream(stream_id)
-    if info.state is not StreamState.RUNNING and after_seq == info.last_seq:
+    if nothing_left(after_seq, info.first_seq, info.last_seq, info.state is not StreamState.RUNNING):
         return None
     assert gateway.remote_streams is not None
     gateway.metrics.stream_resumes.labels("remote").inc()

@@ -157,6 +157,17 @@ def check_cursor(after_seq: int, first_seq: int, last_seq: int) -> None:
         raise StreamTrimmedError(first_seq)
 
 
+def nothing_left(after_seq: int, first_seq: int, last_seq: int, ended: bool) -> bool:
+    """The resume rules of DESIGN §4 for a stream holding seqs ``first_seq..last_seq``:
+    ``True`` when it ended and nothing follows ``after_seq`` (204).
+
+    Raises:
+        InvalidRequestError, StreamTrimmedError: as ``check_cursor`` (400, 409).
+    """
+    check_cursor(after_seq, first_seq, last_seq)
+    return ended and after_seq == last_seq
+
+
 #: Unsent bytes at which the producer pauses (it resumes below half of it), and sent bytes
 #: kept for readers that start from an earlier seq. See ``StreamLog``.
 DEFAULT_BUFFER_BYTES = 256 * 1024
