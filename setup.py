@@ -30,6 +30,7 @@ setup(
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
             "openai>=1.60",
+            "websockets>=13",  # WebSocket tests; openai-python's realtime and responses.connect()
             "httpx>=0.27",
             "ruff>=0.8",
             "mypy>=1.13",

@@ -18,17 +18,18 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from proxy import ws_api
 from proxy.admission import Admission, SlotLimits
 from proxy.auth import KeyStore
 from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
 from proxy.config import Settings
 from proxy.errors import OverloadedError
-from proxy.http_api import GATEWAY, add_request_id, add_routes, gateway_middleware
+from proxy.http_api import add_request_id, add_routes, gateway_middleware
 from proxy.limits import DemandBuilder, Limiter, MemoryLimitStore
 from proxy.limits_redis import RedisLimitStore
 from proxy.listener import ConnectionGuard, GatewayRunner, client_connection_cap, raise_nofile_limit
 from proxy.observability import Metrics, Sample, configure_logging, flush_logs_periodically, log
-from proxy.pipeline import Gateway
+from proxy.pipeline import GATEWAY, Gateway
 from proxy.relay import Dispatcher
 from proxy.streams import StreamRegistry
 from proxy.streams_redis import MAX_CONNECTIONS as STREAM_STORE_MAX_CONNECTIONS
@@ -78,6 +79,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_log_flusher)
     app.on_response_prepare.append(add_request_id)
     app.on_shutdown.append(_on_shutdown)
+    ws_api.add_routes(app)  # before http_api's /v1 catch-all
     add_routes(app)
     return app
 
@@ -229,11 +231,12 @@ async def _log_flusher(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    """Drain: ``/readyz`` answers 503 from now on; in-flight requests and streams get up to
-    ``server.drain_timeout`` to finish; streams still running then end with an error event
-    (never a silent truncation), and their generation is cancelled."""
+    """Drain: ``/readyz`` answers 503 from now on and WebSockets take no new requests;
+    in-flight requests and streams get up to ``server.drain_timeout`` to finish; streams
+    still running then end with an error event (never a silent truncation), and their
+    generation is cancelled; then every WebSocket is closed with 1012 (service restart)."""
     gateway = app[GATEWAY]
-    gateway.draining = True
+    gateway.draining = gateway.sockets.draining = True
     deadline = asyncio.get_running_loop().time() + gateway.settings.server.drain_timeout_s
     while gateway.busy() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)  # polling two counters beats wiring an Event through both
@@ -241,6 +244,9 @@ async def _on_shutdown(app: web.Application) -> None:
         log.warning("drain timeout; ending streams still running", extra={"streams": len(gateway.streams)})
     gateway.streams.fail_all(OverloadedError("The gateway is shutting down; retry the request.",
                                              code="shutting_down", retry_after_s=1.0))
+    # WebSockets last: their streams have ended (or failed above); each closes with 1012
+    # once it has written what it had in flight.
+    await gateway.sockets.close_all(deadline + HANDLER_GRACE_S / 2)
 
 
 async def start_server(settings: Settings, host: str | None = None, port: int | None = None, *,

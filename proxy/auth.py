@@ -25,6 +25,7 @@ class Principal:
         models: model patterns the key may use; ``"*"`` matches any, ``gpt-4*`` a prefix.
         rpm, tpm, max_concurrent: the key's limits, ``None`` when unlimited.
         priority: the key's place in admission queues (higher first).
+        max_websockets: WebSockets the key may hold open at once in this process.
     """
 
     name: str
@@ -33,6 +34,7 @@ class Principal:
     tpm: int | None = None
     max_concurrent: int | None = None
     priority: int = 0
+    max_websockets: int = 64
 
     def may_use(self, model: str) -> bool:
         """Whether this key may call ``model`` (shell-style patterns, case-sensitive)."""
@@ -44,13 +46,30 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+#: The WebSocket subprotocol prefix that carries an API key where a browser cannot set
+#: headers (OpenAI Realtime API, "WebSocket" connection from a browser).
+KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
+
+
 def presented_key(headers: Mapping[str, str]) -> str | None:
-    """The API key from ``Authorization: Bearer <key>`` or ``x-api-key``, or ``None``."""
+    """The API key from ``Authorization: Bearer <key>``, ``x-api-key`` or, on a WebSocket
+    handshake, the subprotocol ``openai-insecure-api-key.<key>`` (``Sec-WebSocket-Protocol``);
+    ``None`` when there is none."""
     scheme, _, credentials = headers.get("Authorization", "").strip().partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
     api_key = headers.get("x-api-key", "").strip()
-    return api_key or None
+    return api_key or websocket_key(headers)
+
+
+def websocket_key(headers: Mapping[str, str]) -> str | None:
+    """The key in a ``Sec-WebSocket-Protocol: openai-insecure-api-key.<key>`` offer (RFC 6455
+    §4.1: a comma-separated list of tokens), or ``None``."""
+    for offered in headers.get("Sec-WebSocket-Protocol", "").split(","):
+        offered = offered.strip()
+        if offered.startswith(KEY_SUBPROTOCOL_PREFIX) and len(offered) > len(KEY_SUBPROTOCOL_PREFIX):
+            return offered[len(KEY_SUBPROTOCOL_PREFIX):]
+    return None
 
 
 class KeyStore:
@@ -64,7 +83,8 @@ class KeyStore:
         self._entries: list[tuple[bytes, Principal]] = []
         for name, cfg in keys.items():
             digest_hex = cfg.key_sha256 or hash_key(cfg.key.get_secret_value() if cfg.key else "")
-            principal = Principal(name, cfg.models, cfg.rpm, cfg.tpm, cfg.max_concurrent, cfg.priority)
+            principal = Principal(name, cfg.models, cfg.rpm, cfg.tpm, cfg.max_concurrent, cfg.priority,
+                                  cfg.max_websockets)
             self._entries.append((bytes.fromhex(digest_hex), principal))
 
     def __repr__(self) -> str:

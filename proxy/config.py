@@ -249,6 +249,23 @@ class StreamsConfig(_Frozen):
     redis_maxlen: int = Field(100_000, ge=16)
 
 
+class WebSocketConfig(_Frozen):
+    """``ws:`` — every WebSocket endpoint (DESIGN §4 "WebSocket").
+
+    ``max_in_flight``: requests one socket may have running at once (``/v1/ws``; past it an
+    ``error`` frame ``too_many_requests_in_flight``). ``idle_timeout``: a socket that sends
+    nothing and has nothing in flight this long is closed with 1001 (going away).
+    ``heartbeat``: the server pings this often and closes a socket whose pong does not come
+    back within half of it (RFC 6455 §5.5.2). ``max_frame``: the largest message accepted
+    (larger: closed with 1009, message too big; RFC 6455 §7.4.1).
+    """
+
+    max_in_flight: int = Field(16, ge=1)
+    idle_timeout_s: PositiveDurationS = Field(300.0, alias="idle_timeout")
+    heartbeat_s: PositiveDurationS = Field(30.0, alias="heartbeat")
+    max_frame_bytes: SizeBytes = Field(4 * 2**20, alias="max_frame")
+
+
 class RetryConfig(_Frozen):
     """``routing.retry:`` — retries before the first byte reaches the client.
 
@@ -324,6 +341,8 @@ class UpstreamConfig(_Frozen):
     ``max_queue`` more may wait up to ``queue_timeout``. ``max_response_bytes``: the
     largest body taken from it, counted after decompression (a unary answer, or a whole
     stream); past it the request fails with 502 ``upstream_response_too_large``.
+    ``realtime``: it serves the Realtime API WebSocket at ``<base_url>/realtime``, so
+    ``GET /v1/realtime`` may be relayed to it (default false).
     """
 
     base_url: str
@@ -344,6 +363,7 @@ class UpstreamConfig(_Frozen):
     headers: dict[str, str] = Field(default_factory=dict)
     inject_stream_usage: bool = True
     max_response_bytes: SizeBytes = 64 * 2**20
+    realtime: bool = False
 
     @field_validator("base_url")
     @classmethod
@@ -360,8 +380,9 @@ class UpstreamConfig(_Frozen):
 
 class KeyConfig(RateLimits):
     """``keys.<name>:`` — one virtual key; exactly one of ``key`` and ``key_sha256``, its
-    models, its limits (``RateLimits``), optional per-model limits and a budget, and its
-    ``priority`` in admission queues (higher is served first; default 0)."""
+    models, its limits (``RateLimits``), optional per-model limits and a budget, its
+    ``priority`` in admission queues (higher is served first; default 0), and
+    ``max_websockets``: WebSockets it may hold open at once, per process (default 64)."""
 
     key: SecretStr | None = None
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
@@ -369,6 +390,7 @@ class KeyConfig(RateLimits):
     per_model: dict[str, RateLimits] = Field(default_factory=dict)
     budget: BudgetConfig | None = None
     priority: int = 0
+    max_websockets: int = Field(64, ge=0)
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:
@@ -385,6 +407,7 @@ class Settings(_Frozen):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     streams: StreamsConfig = Field(default_factory=StreamsConfig)
+    ws: WebSocketConfig = Field(default_factory=WebSocketConfig)
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     keys: dict[str, KeyConfig] = Field(min_length=1)
     models: dict[str, ModelConfig] = Field(default_factory=dict)

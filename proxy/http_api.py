@@ -33,12 +33,12 @@ from proxy.errors import (
 )
 from proxy.observability import (
     RequestContext,
-    access_log,
     error_log,
+    log_access,
     new_request_id,
     request_context,
 )
-from proxy.pipeline import Answer, Call, Gateway, StreamAnswer, StreamCursor
+from proxy.pipeline import GATEWAY, Answer, Call, Gateway, StreamAnswer, StreamCursor
 from proxy.relay import (
     CHAT,
     COMPLETIONS,
@@ -73,7 +73,6 @@ _SSE_HEADERS = {
 }
 
 
-GATEWAY = web.AppKey("gateway", Gateway)
 
 
 def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -151,23 +150,9 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _log_access(request: web.Request, ctx: RequestContext, status: int) -> None:
     gateway = request.app[GATEWAY]
-    elapsed_s = time.perf_counter() - ctx.started_at
     endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "-"
-    gateway.metrics.count_request(endpoint, ctx.key_name or "-", status, elapsed_s)
-    if not gateway.settings.server.access_log:
-        return
-    fields: dict[str, object] = {
-        "method": request.method, "path": request.path, "status": status,
-        "latency_ms": round(elapsed_s * 1000, 2),
-    }
-    for name in ("model", "upstream", "stream_id"):
-        if (value := getattr(ctx, name)) is not None:
-            fields[name] = value
-    if ctx.usage is not None:
-        fields["prompt_tokens"] = ctx.usage.get("prompt_tokens", ctx.usage.get("input_tokens"))
-        fields["completion_tokens"] = ctx.usage.get("completion_tokens",
-                                                    ctx.usage.get("output_tokens"))
-    access_log.info("request", extra={"fields": fields})
+    log_access(gateway.metrics, gateway.settings.server.access_log, request.method, request.path,
+               endpoint, status, ctx, time.perf_counter() - ctx.started_at)
 
 
 async def read_body(request: web.Request) -> bytes:

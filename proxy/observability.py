@@ -328,3 +328,25 @@ class _CallbackCollector(Collector):
                                                             labels=list(labels))
             family.add_metric(list(labels.values()), value)
         yield from families.values()
+
+
+def log_access(metrics: Metrics, enabled: bool, method: str, path: str, endpoint: str,
+               status: int, ctx: RequestContext, elapsed_s: float) -> None:
+    """Count one finished request (``Metrics.count_request``) and, when ``enabled``
+    (``server.access_log``), write its access-log line: method, path, status, latency and
+    what the request context learnt (model, upstream, stream id, token counts). ``endpoint``
+    is the route's canonical path (a bounded label); 499 means the client left."""
+    metrics.count_request(endpoint, ctx.key_name or "-", status, elapsed_s)
+    if not enabled:
+        return
+    fields: dict[str, object] = {
+        "method": method, "path": path, "status": status, "latency_ms": round(elapsed_s * 1000, 2),
+    }
+    for name in ("model", "upstream", "stream_id"):
+        if (value := getattr(ctx, name)) is not None:
+            fields[name] = value
+    if ctx.usage is not None:
+        fields["prompt_tokens"] = ctx.usage.get("prompt_tokens", ctx.usage.get("input_tokens"))
+        fields["completion_tokens"] = ctx.usage.get("completion_tokens",
+                                                    ctx.usage.get("output_tokens"))
+    access_log.info("request", extra={"fields": fields})

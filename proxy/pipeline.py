@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from aiohttp import web
+
 from proxy.admission import Admission
 from proxy.auth import KeyStore, Principal
 from proxy.balancer import Balancer
@@ -50,6 +52,7 @@ from proxy.relay import (
     produce_stream,
     send_unary,
 )
+from proxy.sockets import SocketRegistry
 from proxy.streams import (
     StreamCancelledError,
     StreamLog,
@@ -135,6 +138,7 @@ class Gateway:
         streams: stream logs of this process and their producer tasks.
         metrics: Prometheus collectors.
         remote_streams: the Redis stream store (``state.backend: redis``), else ``None``.
+        sockets: the WebSockets open in this process (per-key cap, drain).
         draining: set on shutdown; ``/readyz`` answers 503 from then on.
     """
 
@@ -149,11 +153,16 @@ class Gateway:
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     metrics: Metrics = field(default_factory=Metrics)
     remote_streams: RemoteStreamSource | None = None
+    sockets: SocketRegistry = field(default_factory=SocketRegistry)
     draining: bool = False
 
     def busy(self) -> bool:
         """Whether any request holds an upstream slot or any stream is still generating."""
         return any(self.admission.in_flight(name) for name in self.upstreams) or self.streams.running > 0
+
+
+#: Where the app keeps its ``Gateway`` (``app[GATEWAY]``), for every adapter.
+GATEWAY = web.AppKey("gateway", Gateway)
 
 
 @dataclass(frozen=True, slots=True)

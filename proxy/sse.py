@@ -160,3 +160,18 @@ def encode_event(data: bytes, *, event: bytes | None = None, event_id: bytes | N
         parts.append(b"data: " + data + b"\n")
     parts.append(b"\n")
     return b"".join(parts)
+
+
+def decode_frame(frame: bytes) -> tuple[bytes | None, bytes]:
+    """The inverse of ``encode_event`` for one frame it encoded: ``(event, data)``, the
+    ``event:`` field (``None`` when absent) and the ``data:`` lines joined by ``\n``.
+    Only for frames ``encode_event`` wrote (``field: value`` lines, one space, no
+    comments); use ``SSEParser`` for anything else."""
+    event: bytes | None = None
+    data: list[bytes] = []
+    for line in frame.split(b"\n"):
+        if line.startswith(b"data: "):
+            data.append(line[6:])
+        elif line.startswith(b"event: "):
+            event = line[7:]
+    return event, b"\n".join(data)

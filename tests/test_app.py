@@ -21,8 +21,8 @@ from proxy.app import (
     tune_gc,
 )
 from proxy.config import load_settings
-from proxy.http_api import GATEWAY
 from proxy.listener import GatewayRunner, client_connection_cap
+from proxy.pipeline import GATEWAY
 from tests.conftest import CLIENT_KEY, MockUpstream, RunningGateway, StartGateway, base_config, merge
 
 CHAT_BODY = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hello there"}]}

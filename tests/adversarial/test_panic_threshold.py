@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.http_api import GATEWAY
+from proxy.pipeline import GATEWAY
 from tests.conftest import CLIENT_KEY, MockUpstream, RunningGateway, StartGateway
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}

@@ -31,7 +31,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from proxy.http_api import GATEWAY
+from proxy.pipeline import GATEWAY
 from scripts.mock_upstream import MockConfig, create_app
 from tests.conftest import CLIENT_KEY, MockUpstream, RunningGateway, StartGateway, base_config, merge
 from tests.integration.conftest import GatewayProcess, StartGatewayProcess, free_port
