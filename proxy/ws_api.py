@@ -6,6 +6,11 @@ limits, admission, retries, stream logs, metering — so it is limited, queued, 
 resumable and drained like an SSE one. What the socket shares (handshake checks, frames,
 heartbeats, idle timeout, backpressure) is ``proxy.websocket``.
 
+Both check before the upgrade, as real HTTP statuses with the OpenAI error body: a key that
+came with the handshake (401), its socket cap ``keys.<name>.max_websockets`` (429) and,
+with ``?model=<id>``, the key's access to that model (404). Rate limits apply per request:
+a refused request gets an ``error`` frame with ``retry_after_ms`` and the socket stays open.
+
 ``/v1/ws`` (native). The key comes with the handshake (``Authorization: Bearer``, or the
 subprotocol ``openai-insecure-api-key.<key>`` beside ``shepherd.v1``, which the server
 selects) or in a first frame ``{"type": "auth", "api_key"}``. Client frames::
@@ -91,18 +96,24 @@ RELAY_PARAMETERS = ("temperature", "max_tokens", "top_p", "frequency_penalty", "
 
 def handshake_principal(request: web.Request) -> Principal | None:
     """The key that came with the handshake, checked before the upgrade; ``None`` when
-    none came (it must then come in a frame).
+    none came (it must then come in a frame). With ``?model=<id>`` the key's access to the
+    model is checked too, so a client learns at once that its socket would be useless.
 
     Raises:
         AuthenticationError: a key came and matches none (401, a real HTTP status).
+        ModelNotFoundError: ``?model=`` names a model the key may not use or nobody serves (404).
     """
     gateway = request.app[GATEWAY]
     try:
-        return gateway.keys.authenticate(request.headers)
+        principal = gateway.keys.authenticate(request.headers)
     except AuthenticationError as exc:
         if exc.code == "missing_api_key":
             return None
         raise
+    model = request.query.get("model")
+    if model is not None:
+        gateway.balancer.require(model, principal.models)
+    return principal
 
 
 async def frame_principal(socket: ClientSocket, api_key: object,

@@ -188,6 +188,17 @@ async def test_refused_handshakes_are_http_errors(gateway: RunningGateway, heade
         assert "sk-wrong" not in json.dumps(body)
 
 
+async def test_model_in_the_handshake_query_is_checked_before_the_upgrade(gateway: RunningGateway) -> None:
+    for path in ("/v1/ws?model=other-model", "/v1/ws/stream?model=other-model"):
+        status, body = await handshake_status(gateway, path, {"Authorization": f"Bearer {OTHER_KEY}"})
+        assert status == 404
+        assert body["error"]["code"] == "model_not_found"
+    async with connect(gateway, "/v1/ws?model=mock-gpt",
+                       headers={"Authorization": f"Bearer {OTHER_KEY}"}) as ws:
+        await ws.send_json({"type": "ping"})
+        assert (await receive(ws))["type"] == "pong"
+
+
 async def test_max_websockets_per_key_refuses_the_next_handshake_with_429(
         start_gateway: StartGateway, mock_upstream: MockUpstream) -> None:
     gateway = await start_gateway(merge(base_config(mock_upstream.base_url),
