@@ -249,6 +249,21 @@ async def test_frame_over_max_frame_closes_with_1009(start_gateway: StartGateway
     assert ws.close_code == 1009
 
 
+async def test_idle_socket_is_closed_with_1001_but_not_while_a_stream_runs(
+        start_gateway: StartGateway, slow_mock: MockUpstream) -> None:
+    gateway = await start_gateway(merge(base_config(slow_mock.base_url),
+                                        {"ws": {"idle_timeout": "300ms"}}))
+    async with connect(gateway) as ws:
+        # 16 tokens 20 ms apart: the stream outlives the idle timeout while the client is silent
+        await ws.send_json({"type": "request", "id": "r", "body": {**CHAT_BODY, "max_tokens": 16}})
+        frames = await until(ws, "done", "error")
+        closing = await ws.receive(timeout=IO_TIMEOUT_S)
+    assert frames[-1]["type"] == "done"
+    assert chunk_text(frames) == expected_text(16)
+    assert closing.type is aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 1001
+
+
 async def test_rate_limited_request_gets_error_with_retry_after_and_socket_stays_open(
         start_gateway: StartGateway, mock_upstream: MockUpstream) -> None:
     gateway = await start_gateway(merge(base_config(mock_upstream.base_url),
