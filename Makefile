@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 export PYTHON VENV
 
-.PHONY: help install run test lint typecheck load-test clean
+.PHONY: help install run test lint typecheck load-test load-tools clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -24,8 +24,10 @@ typecheck:  ## mypy --strict on proxy/
 	@scripts/install.sh >/dev/null && $(VENV)/bin/mypy
 
 load-test:  ## gateway vs bare aiohttp forwarder vs direct; ARGS="--duration 10" to tune
-	@scripts/install.sh >/dev/null && scripts/install_loadtools.sh \
-		&& $(VENV)/bin/python scripts/loadtest.py $(ARGS)
+	@scripts/install.sh >/dev/null && $(VENV)/bin/python scripts/loadtest.py $(ARGS)
+
+load-tools:  ## install wrk, the C load generator load-test prefers (apt-get, as root)
+	@scripts/install_loadtools.sh
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -18,13 +18,13 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from proxy import ws_api
+from proxy import ws_api, ws_realtime, ws_responses
 from proxy.admission import Admission, SlotLimits
 from proxy.auth import KeyStore
 from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
 from proxy.config import Settings
 from proxy.errors import OverloadedError
-from proxy.http_api import add_request_id, add_routes, gateway_middleware
+from proxy.http_api import add_request_id, add_routes, gateway_middleware, passthrough
 from proxy.limits import DemandBuilder, Limiter, MemoryLimitStore
 from proxy.limits_redis import RedisLimitStore
 from proxy.listener import ConnectionGuard, GatewayRunner, client_connection_cap, raise_nofile_limit
@@ -79,7 +79,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_log_flusher)
     app.on_response_prepare.append(add_request_id)
     app.on_shutdown.append(_on_shutdown)
-    ws_api.add_routes(app)  # before http_api's /v1 catch-all
+    ws_api.add_routes(app)  # WebSocket endpoints; aiohttp matches them before the /v1 catch-all
+    ws_responses.add_routes(app, passthrough)
+    ws_realtime.add_routes(app)
     add_routes(app)
     return app
 

@@ -16,6 +16,7 @@ reported together in one ``ConfigError``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -370,6 +371,10 @@ class UpstreamConfig(_Frozen):
     def _http_url(cls, value: str) -> str:
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
+        if not re.match(r"^https?://[^/\s]+/\S", value):
+            raise ValueError("must include the API's path, e.g. https://api.openai.com/v1 or "
+                             "http://127.0.0.1:8000/v1 (the gateway appends /chat/completions "
+                             "and the like to it)")
         return value.rstrip("/")
 
     @property
@@ -399,6 +404,71 @@ class KeyConfig(RateLimits):
         return self
 
 
+class LedgerConfig(_Frozen):
+    """``ledger:`` — the usage ledger (``proxy.ledger``): one row per request, written in
+    batches off the request path.
+
+    ``url``: ``sqlite:///<path>`` (relative to the working directory; ``sqlite:////abs``
+    for an absolute path; WAL mode) or ``postgresql://user:pass@host:port/db``.
+    ``batch_size``: rows per insert; ``flush_interval``: the longest a row waits before
+    its batch is written; ``buffer_rows``: rows held in memory while the database is slow
+    or down (past it new rows are dropped and counted in
+    ``shepherd_ledger_rows_dropped_total``); ``write_timeout``: the longest one batch
+    insert (or a connect) may take before it is retried.
+    """
+
+    enabled: bool = True
+    url: SecretStr = SecretStr("sqlite:///shepherd-usage.db")
+    batch_size: int = Field(500, ge=1, le=10_000)
+    flush_interval_s: PositiveDurationS = Field(1.0, alias="flush_interval")
+    buffer_rows: int = Field(100_000, ge=1)
+    write_timeout_s: PositiveDurationS = Field(5.0, alias="write_timeout")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if not (url.startswith("sqlite:///") or url.startswith(("postgresql://", "postgres://"))):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        if url.startswith("sqlite:///") and len(url) == len("sqlite:///"):
+            raise ValueError("sqlite:/// needs a file path, e.g. sqlite:///shepherd-usage.db")
+        return value
+
+
+def _bare_admin_key(value: object) -> object:
+    return {"key": value} if isinstance(value, str) else value
+
+
+class AdminKeyConfig(_Frozen):
+    """One entry of ``admin.keys``: exactly one of ``key`` and ``key_sha256`` (as in
+    ``keys.<name>``) and an optional ``name`` for logs; a bare string is a ``key``."""
+
+    name: str | None = None
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> AdminKeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("set exactly one of `key` and `key_sha256`")
+        return self
+
+    @property
+    def digest_hex(self) -> str:
+        """The lowercase hex SHA-256 of the admin key."""
+        if self.key_sha256 is not None:
+            return self.key_sha256.lower()
+        assert self.key is not None
+        return hashlib.sha256(self.key.get_secret_value().encode("utf-8")).hexdigest()
+
+
+class AdminConfig(_Frozen):
+    """``admin:`` — ``keys``: the keys that open ``/admin/*`` (none: the admin API answers
+    403). They are separate from ``keys.<name>``: a virtual key never opens ``/admin``."""
+
+    keys: tuple[Annotated[AdminKeyConfig, BeforeValidator(_bare_admin_key)], ...] = ()
+
+
 class Settings(_Frozen):
     """The whole validated configuration (frozen)."""
 
@@ -411,20 +481,87 @@ class Settings(_Frozen):
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     keys: dict[str, KeyConfig] = Field(min_length=1)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
 
-    @model_validator(mode="after")
-    def _model_upstreams_exist(self) -> Settings:
-        for model_id, model in self.models.items():
-            unknown = [name for name in model.upstreams if name not in self.upstreams]
-            if unknown:
-                raise ValueError(f"models.{model_id}.upstreams names unknown upstreams: {unknown}")
-        return self
 
-    @model_validator(mode="after")
-    def _memory_single_worker(self) -> Settings:
-        if self.server.workers > 1 and self.state.backend == "memory":
-            raise ValueError(MEMORY_WORKERS_MESSAGE)
-        return self
+
+def cross_field_errors(tree: object) -> list[tuple[str, str]]:
+    """Problems that involve more than one key, found in the raw tree (after ``${ENV}``
+    interpolation) so that they are reported together with every other error, each at the
+    key path to change: a model routed to an unknown upstream, several workers with the
+    memory backend, two keys with the same secret. Parts of the wrong type are skipped
+    (their own errors say why)."""
+    if not isinstance(tree, dict):
+        return []
+    errors: list[tuple[str, str]] = []
+    upstreams, models = tree.get("upstreams"), tree.get("models")
+    if isinstance(upstreams, dict) and isinstance(models, dict):
+        for model_id, model in models.items():
+            named = model.get("upstreams") if isinstance(model, dict) else None
+            if isinstance(named, list):
+                unknown = [name for name in named if name not in upstreams]
+                if unknown:
+                    errors.append((f"models.{model_id}.upstreams",
+                                   f"names unknown upstreams {unknown}; known: {sorted(upstreams)}"))
+    server, state = tree.get("server"), tree.get("state")
+    workers = server.get("workers", 1) if isinstance(server, dict) else 1
+    backend = state.get("backend", "memory") if isinstance(state, dict) else "memory"
+    if isinstance(workers, int) and workers > 1 and backend == "memory":
+        errors.append(("server.workers", MEMORY_WORKERS_MESSAGE))
+    keys = tree.get("keys")
+    if isinstance(keys, dict):
+        owner: dict[str, str] = {}
+        for name, cfg in keys.items():
+            if not isinstance(cfg, dict):
+                continue
+            secret, digest = cfg.get("key"), cfg.get("key_sha256")
+            if isinstance(secret, str):
+                digest, field = hashlib.sha256(secret.encode("utf-8")).hexdigest(), "key"
+            elif isinstance(digest, str):
+                digest, field = digest.lower(), "key_sha256"
+            else:
+                continue
+            if digest in owner:
+                errors.append((f"keys.{name}.{field}", f"the same secret as keys.{owner[digest]}; "
+                               "each key needs its own (a request could not tell them apart)"))
+            else:
+                owner[digest] = name
+    return errors
+
+
+def _tree_digest(entry: object) -> tuple[str, str] | None:
+    """``(digest_hex, field)`` of a raw ``keys.<name>`` or ``admin.keys[i]`` entry."""
+    if isinstance(entry, str):
+        entry = {"key": entry}
+    if not isinstance(entry, dict):
+        return None
+    secret, digest = entry.get("key"), entry.get("key_sha256")
+    if isinstance(secret, str):
+        return hashlib.sha256(secret.encode("utf-8")).hexdigest(), "key"
+    if isinstance(digest, str):
+        return digest.lower(), "key_sha256"
+    return None
+
+
+def admin_key_errors(tree: object) -> list[tuple[str, str]]:
+    """An ``admin.keys`` entry with the secret of a virtual key (``keys.<name>``): that key
+    would open ``/admin``. Found in the raw tree, like ``cross_field_errors``."""
+    if not isinstance(tree, dict):
+        return []
+    admin, keys = tree.get("admin"), tree.get("keys")
+    entries = admin.get("keys") if isinstance(admin, dict) else None
+    if not isinstance(entries, list) or not isinstance(keys, dict):
+        return []
+    virtual = {found[0]: name for name, cfg in keys.items() if (found := _tree_digest(cfg)) is not None}
+    errors: list[tuple[str, str]] = []
+    for index, entry in enumerate(entries):
+        found = _tree_digest(entry)
+        if found is not None and found[0] in virtual:
+            path = f"admin.keys.{index}" + ("" if isinstance(entry, str) else f".{found[1]}")
+            errors.append((path, f"the same secret as keys.{virtual[found[0]]}; an admin key "
+                                 "must differ from every virtual key"))
+    return errors
 
 
 def interpolate_env(
@@ -481,6 +618,8 @@ def load_settings(raw: object, env: Mapping[str, str] | None = None, source: str
     except ValidationError as exc:
         env_paths = {path for path, _ in errors}  # an unset variable already explains these
         errors += [(p, e["msg"]) for e in exc.errors() if (p := _loc_path(e["loc"])) not in env_paths]
+    errors += cross_field_errors(tree)
+    errors += admin_key_errors(tree)
     if errors:
         raise ConfigError(errors, source)
     return settings

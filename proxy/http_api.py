@@ -32,6 +32,7 @@ from proxy.errors import (
     RequestTooLargeError,
 )
 from proxy.observability import (
+    CLIENT_CLOSED,
     RequestContext,
     error_log,
     log_access,
@@ -64,7 +65,6 @@ from proxy.upstream import Upstream, map_client_error, response_headers
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Status logged for a request whose client went away before the answer ended (nginx's 499).
-CLIENT_CLOSED = 499
 
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",

@@ -53,6 +53,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Protocol
 
 from proxy.config import BudgetConfig, RateLimits, Settings
@@ -159,6 +160,8 @@ class Verdict:
             within this window: budget spent, or a reservation larger than the bucket).
         reports: per-scope header values.
         budget_window: the budget window charged, or ``None``.
+        budget_spent: when the budget refused, ``(tokens, usd)`` already spent in its
+            window; ``None`` otherwise (or when the store could not tell).
     """
 
     allowed: bool
@@ -166,6 +169,7 @@ class Verdict:
     retry_after_s: float | None = None
     reports: list[ScopeReport] = field(default_factory=list)
     budget_window: int | None = None
+    budget_spent: tuple[int, float] | None = None
 
 
 def gcra(tat_s: float, now_s: float, emission_s: float, burst: int
@@ -379,6 +383,7 @@ class MemoryLimitStore:
         verdict.budget_window = window
         if over_tokens or over_usd:
             _refuse(verdict, "budget", None)
+            verdict.budget_spent = (tokens, usd)
             return
         if slot not in self.spent:  # a new window: drop the key's older ones
             self._prune_windows(budget.key_name, window)
@@ -495,15 +500,20 @@ def ratelimit_headers(reports: list[ScopeReport]) -> dict[str, str]:
     return headers
 
 
-def refusal_error(verdict: Verdict, headers: dict[str, str]) -> GatewayError:
+def refusal_error(verdict: Verdict, headers: dict[str, str], demand: Demand | None = None,
+                  now_s: float | None = None) -> GatewayError:
     """The 429 a refused verdict answers with, carrying ``headers``; ``type`` and ``code``
     as OpenAI sends them (``requests``/``tokens`` + ``rate_limit_exceeded``,
-    ``insufficient_quota``)."""
+    ``insufficient_quota``). A budget refusal says what is left and when the budget resets
+    (from ``demand.budget`` and ``now_s``, Unix seconds; ``retry-after`` is the time to the
+    reset, ``x-should-retry: false`` all the same: it is hours away, not a blip)."""
     reason = verdict.reason
     if reason == "budget":
-        error = RateLimitError(
-            "You exceeded your current quota: this key's budget for the period is spent.",
-            error_type="insufficient_quota", code="insufficient_quota", should_retry=False)
+        message, reset_s = "You exceeded your current quota: this key's budget for the period is spent.", None
+        if demand is not None and demand.budget is not None and now_s is not None:
+            message, reset_s = budget_message(demand.budget, demand, verdict.budget_spent, now_s)
+        error = RateLimitError(message, error_type="insufficient_quota", code="insufficient_quota",
+                               retry_after_s=reset_s, should_retry=False)
     elif reason == "tokens_too_large":
         error = RateLimitError("Request too large: its token reservation exceeds this key's "
                                "tokens-per-minute limit. Lower max_tokens or the prompt size.",
@@ -518,6 +528,27 @@ def refusal_error(verdict: Verdict, headers: dict[str, str]) -> GatewayError:
                                error_type=kind, retry_after_s=verdict.retry_after_s)
     error.extra_headers.update(headers)
     return error
+
+
+def budget_message(budget: Budget, demand: Demand, spent: tuple[int, float] | None,
+                   now_s: float) -> tuple[str, float]:
+    """The text of a budget refusal and the seconds until the budget's window resets:
+    what was spent and is left (when the store told), what this request needed, and the
+    reset as a duration and a UTC time."""
+    window_end_s = (budget.window(now_s) + 1) * budget.period_s
+    reset_s = max(0.0, window_end_s - now_s)
+    reset_at = datetime.fromtimestamp(window_end_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    parts = []
+    if budget.tokens is not None:
+        used = f"{spent[0]:,} of {budget.tokens:,} tokens used, {max(0, budget.tokens - spent[0]):,} left; " \
+            if spent is not None else f"budget {budget.tokens:,} tokens; "
+        parts.append(f"{used}this request reserves {demand.tokens:,}")
+    if budget.usd is not None:
+        used = f"${spent[1]:.4f} of ${budget.usd:.2f} used, ${max(0.0, budget.usd - spent[1]):.4f} left; " \
+            if spent is not None else f"budget ${budget.usd:.2f}; "
+        parts.append(f"{used}this request may cost ${demand.usd:.4f}")
+    return (f"You exceeded your current quota: this key's budget for the period is spent "
+            f"({'; '.join(parts)}). It resets in {go_duration(reset_s)} (at {reset_at}).", reset_s)
 
 
 class Limiter:
@@ -579,7 +610,7 @@ class Limiter:
         store, charged, verdict = await self._acquire_on_some_store(demand, lease_id)
         headers = ratelimit_headers(verdict.reports)
         if not verdict.allowed:
-            raise refusal_error(verdict, headers)
+            raise refusal_error(verdict, headers, demand, time.time())
         lease = Lease(lease_id, charged, store, verdict.budget_window, headers)
         if any(s.max_concurrent for s in demand.scopes):
             self.live[lease_id] = lease

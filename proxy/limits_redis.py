@@ -291,6 +291,7 @@ local function check_budget(op, res)
     settle_pending(key, e)
     if over(0, 0) then
       refuse(res, 'budget', -1)
+      res.spent = {e.tok, fmt_usd(e.usd)}  -- what the refusal message reports as used
       return nil
     end
   end
@@ -319,7 +320,8 @@ local function acquire(op)
       budget.res['r:' .. op.id] = op.tok .. ' ' .. fmt_usd(op.usd)
     end
   end
-  return {res.ok, res.reason, res.retry, res.reports, res.window}
+  local spent = res.spent or {-1, '-1'}
+  return {res.ok, res.reason, res.retry, res.reports, res.window, spent[1], spent[2]}
 end
 
 local function settle(op)
@@ -624,10 +626,13 @@ def _opt_s(value_ms: float) -> float | None:
 
 
 def _verdict(raw: list[Any]) -> Verdict:
-    """A ``Verdict`` from the script's ``[ok, reason, retry_ms, reports, window]`` (a retry
-    of -1 means never within the window, -2 the concurrency hint)."""
-    ok, reason, retry_ms, reports, window = raw
+    """A ``Verdict`` from the script's ``[ok, reason, retry_ms, reports, window, spent_tokens,
+    spent_usd]`` (a retry of -1 means never within the window, -2 the concurrency hint; a
+    spent of -1: the budget did not refuse)."""
+    ok, reason, retry_ms, reports, window, spent_tokens, spent_usd = raw
     verdict = Verdict(bool(ok), reason or None, None, [], None if window < 0 else int(window))
+    if int(spent_tokens) >= 0:
+        verdict.budget_spent = (int(spent_tokens), float(spent_usd))
     if not ok:
         verdict.retry_after_s = (None if retry_ms == -1 else
                                  CONCURRENCY_RETRY_S if retry_ms == -2 else retry_ms / 1000.0)
@@ -876,7 +881,7 @@ class RedisLimitStore:
             self._no_block_until[shape] = loop.time() + self.block_ttl_s
             self._block_size[shape] = MIN_BLOCK
             return
-        verdict = _verdict([1, "", 0, raw[1], raw[2]])
+        verdict = _verdict([1, "", 0, raw[1], raw[2], -1, "-1"])
         slots = size if any(sc[4] for sc in op["s"]) else 0
         block = _Block(op["id"], shape, op["s"], op["b"], size, expires_at, size, size * op["tok"],
                        size * op["usd"], slots, verdict.budget_window, verdict.reports)

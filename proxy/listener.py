@@ -277,6 +277,15 @@ class GatewayProtocol(RequestHandler):
             self._guard.release()
         super().connection_lost(exc)
 
+    def close(self) -> None:
+        """Stop taking requests once the current one is answered (aiohttp's ``pre_shutdown``
+        calls this on every connection when the drain starts). An upgraded connection (a
+        WebSocket) keeps reading: its pongs and close frames must still arrive while its
+        streams finish, and the app's drain closes it with 1012 (``SocketRegistry.close_all``)."""
+        if self._upgraded:
+            return
+        super().close()
+
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # read and dropped while the refusal lingers

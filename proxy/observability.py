@@ -31,6 +31,10 @@ request_context: contextvars.ContextVar[RequestContext | None] = contextvars.Con
     "shepherd_request", default=None
 )
 
+#: The status an access-log line shows for a request whose client left before its answer
+#: was complete (nginx's 499 "client closed request").
+CLIENT_CLOSED = 499
+
 access_log = logging.getLogger("proxy.access")
 error_log = logging.getLogger("proxy.error")
 log = logging.getLogger("proxy")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +39,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.auth import Principal
-from proxy.errors import GatewayError, InvalidRequestError, RateLimitError
+from proxy.errors import AuthenticationError, GatewayError, InvalidRequestError, RateLimitError
 from proxy.observability import RequestContext, log_access, new_request_id, request_context
-from proxy.pipeline import Gateway, StreamCursor
+from proxy.pipeline import GATEWAY, Gateway, StreamCursor
 from proxy.sockets import OpenSocket
 from proxy.sse import DONE, decode_frame
 
@@ -52,6 +52,43 @@ GOING_AWAY, UNSUPPORTED_DATA, POLICY_VIOLATION, INTERNAL_ERROR = 1001, 1003, 100
 
 #: How long a socket that must authenticate by its first frame may take to send it, in seconds.
 AUTH_FRAME_TIMEOUT_S = 10.0
+
+#: How long closing a socket waits for the client's close frame, in seconds (aiohttp's
+#: default, 10 s, would hold a drain that long per silent client).
+CLOSE_TIMEOUT_S = 1.0
+
+#: Subprotocols that carry credentials in a browser handshake (OpenAI Realtime API): never
+#: echoed to the client, never sent upstream (the upstream gets its own key, and the
+#: organization/project only from config, as the HTTP path does).
+CREDENTIAL_SUBPROTOCOLS = ("openai-insecure-api-key.", "openai-organization.", "openai-project.")
+
+
+def handshake_principal(request: web.Request, required: bool = False) -> Principal | None:
+    """The key that came with the handshake (``Authorization``, ``x-api-key`` or the
+    subprotocol ``openai-insecure-api-key.<key>``), checked before the upgrade and noted in
+    the request's log context; ``None`` when none came and it is not ``required`` (it must
+    then come in a frame). With ``?model=<id>`` the key's access to the model is checked
+    too, so a client learns at once that its socket would be useless.
+
+    Raises:
+        AuthenticationError: a key came and matches none, or none came and one is
+            ``required`` (401, a real HTTP status).
+        ModelNotFoundError: ``?model=`` names a model the key may not use or nobody serves (404).
+    """
+    gateway = request.app[GATEWAY]
+    try:
+        principal = gateway.keys.authenticate(request.headers)
+    except AuthenticationError as exc:
+        if exc.code == "missing_api_key" and not required:
+            return None
+        raise
+    ctx = request_context.get()
+    if ctx is not None:
+        ctx.key_name = principal.name
+    model = request.query.get("model")
+    if model is not None:
+        gateway.balancer.require(model, principal.models)
+    return principal
 
 
 class ClientSocket:
@@ -92,12 +129,13 @@ class ClientSocket:
         """
         cfg = gateway.settings.ws
         ws = web.WebSocketResponse(heartbeat=cfg.heartbeat_s, max_msg_size=cfg.max_frame_bytes,
-                                   protocols=protocols, compress=False, decode_text=False)
+                                   protocols=protocols, compress=False, decode_text=False,
+                                   timeout=CLOSE_TIMEOUT_S)
         socket = cls(ws, gateway, request.path)
         if principal is not None:
             socket.authenticate(principal)
         try:
-            await ws.prepare(request)
+            await ws.prepare(without_credentials(request))
         except BaseException:
             socket.release()
             raise
@@ -225,6 +263,32 @@ def error_message(error: GatewayError, **fields: object) -> JSONDict:
     if isinstance(error, RateLimitError):
         message["status"] = error.http_status
     return message
+
+
+def offered_subprotocols(headers: Mapping[str, str]) -> list[str]:
+    """The subprotocols a handshake offers (``Sec-WebSocket-Protocol``, RFC 6455 §4.1), in order."""
+    raw = headers.get("Sec-WebSocket-Protocol", "")
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def relayable_subprotocols(offered: list[str]) -> tuple[str, ...]:
+    """``offered`` without the credential subprotocols (``CREDENTIAL_SUBPROTOCOLS``)."""
+    return tuple(p for p in offered if not p.startswith(CREDENTIAL_SUBPROTOCOLS))
+
+
+def without_credentials(request: web.Request) -> web.Request:
+    """``request`` as the client's upgrade is prepared from: the credential subprotocols
+    removed from ``Sec-WebSocket-Protocol``, so the server selects only ``realtime`` and
+    aiohttp never sees (nor logs) a key."""
+    offered = offered_subprotocols(request.headers)
+    kept = relayable_subprotocols(offered)
+    if len(kept) == len(offered):
+        return request
+    headers = request.headers.copy()
+    del headers["Sec-WebSocket-Protocol"]
+    if kept:
+        headers["Sec-WebSocket-Protocol"] = ", ".join(kept)
+    return request.clone(headers=headers)
 
 
 def _decode(data: bytes | str) -> JSONDict | None:

@@ -74,6 +74,7 @@ from proxy.websocket import (
     POLICY_VIOLATION,
     ClientSocket,
     StreamEvent,
+    handshake_principal,
     stream_events,
     usage_of,
 )
@@ -92,28 +93,6 @@ RELAY_PARAMETERS = ("temperature", "max_tokens", "top_p", "frequency_penalty", "
 
 
 # --- handshake ------------------------------------------------------------------------------
-
-
-def handshake_principal(request: web.Request) -> Principal | None:
-    """The key that came with the handshake, checked before the upgrade; ``None`` when
-    none came (it must then come in a frame). With ``?model=<id>`` the key's access to the
-    model is checked too, so a client learns at once that its socket would be useless.
-
-    Raises:
-        AuthenticationError: a key came and matches none (401, a real HTTP status).
-        ModelNotFoundError: ``?model=`` names a model the key may not use or nobody serves (404).
-    """
-    gateway = request.app[GATEWAY]
-    try:
-        principal = gateway.keys.authenticate(request.headers)
-    except AuthenticationError as exc:
-        if exc.code == "missing_api_key":
-            return None
-        raise
-    model = request.query.get("model")
-    if model is not None:
-        gateway.balancer.require(model, principal.models)
-    return principal
 
 
 async def frame_principal(socket: ClientSocket, api_key: object,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Try to install wrk, the C load generator `make load-test ARGS=--compare` prefers (it costs
 # about two thirds of the CPU per request of scripts/loadtest_client.py, which matters on a
-# 2-core machine). Only the load-test target calls this, never `make install`/`make test`.
+# 2-core machine). Only `make load-tools` (and CI, for the test that drives wrk) runs this:
+# `make load-test` never installs system packages.
 # Never fails: without wrk, scripts/loadtest.py falls back to the Python generator and says so.
 set -uo pipefail
 command -v wrk >/dev/null 2>&1 && exit 0

@@ -16,6 +16,8 @@
         [--detached 500] [--rounds 3] [--duration 5] [--tokens 16]
     .venv/bin/python scripts/loadtest.py --scenario connections [--connections 10000]
         [--idle-connections 20000] [--ramp-s 10] [--hold-s 3] [--tokens 16] [--token-delay-ms 0]
+    .venv/bin/python scripts/loadtest.py --scenario websocket [--sessions 10000]
+        [--active-sessions 1000] [--ramp-s 10] [--hold-s 3] [--rounds 3] [--duration 5]
 
 Starts ``scripts/mock_upstream.py``, the gateway (``python -m proxy serve``) and
 ``scripts/bare_forwarder.py`` as subprocesses on free 127.0.0.1 ports, then runs three
@@ -148,11 +150,22 @@ CPU, and pin the gateway like the default run:
   and when, ``shepherd_connections_refused_total`` by reason. ``scripts/loadtest_connections.py``
   has the details. Target: every stream intact, or refused fast with 503 + ``retry-after``.
 
+* ``websocket``: one gateway process, the fast mock behind it; ``--sessions`` ``/v1/ws``
+  sessions opened over ``--ramp-s`` and held (heartbeats answered), then ``--rounds`` rounds
+  of a WebSocket and an SSE phase (``--duration`` s) with ``--active-sessions`` closed-loop
+  streams each, every answer checked. Reported: gateway RSS baseline / idle / with streams
+  (per idle socket, per active stream), messages/s, TTFC p50/p99 WebSocket vs SSE, errors
+  by kind, intact %. ``scripts/loadtest_websocket.py`` has the details. Targets: every
+  session held under 1 GiB RSS, every answer intact, TTFC over WebSocket <= over SSE.
+
 ``--json PATH`` writes every figure of any scenario, with the gateway's config.
 
 Every phase is bounded by time (``--duration`` plus at most ``--timeout`` for requests in
 flight); every subprocess is killed on exit, on Ctrl-C, on SIGTERM and on errors (and by the
-kernel if this script dies: ``PR_SET_PDEATHSIG``).
+kernel if this script dies: ``PR_SET_PDEATHSIG``). Every subprocess starts with ``--nofile``
+(default 65536) as its soft and hard ``RLIMIT_NOFILE``, as a unit file's ``LimitNOFILE=``
+would give it; where the hard limit may not be raised, a note says so and the run goes on
+with the inherited limit.
 """
 
 from __future__ import annotations
@@ -163,6 +176,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -287,23 +301,54 @@ class Services:
 # -- processes -------------------------------------------------------------------------
 
 
-def child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
-    """``preexec_fn``: die with this script, and run on ``cpus`` (None: anywhere)."""
+def child_setup(cpus: frozenset[int] | None, nofile: int | None = None) -> Callable[[], None]:
+    """``preexec_fn``: die with this script, run on ``cpus`` (None: anywhere), and with
+    ``nofile`` as the soft and hard ``RLIMIT_NOFILE`` (None: inherited), as systemd's
+    ``LimitNOFILE=`` gives a service. Raising the hard limit needs ``CAP_SYS_RESOURCE``
+    and at most ``fs.nr_open``; where the kernel refuses, the inherited limits stay
+    (``nofile_of`` reads what the child got)."""
 
     def setup() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if cpus:
             os.sched_setaffinity(0, cpus)
+        if nofile is not None:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            except (ValueError, OSError):
+                pass  # not permitted: the parent notes the limits the child kept
 
     return setup
 
 
-class Fleet:
-    """Every subprocess this script started; ``stop_all`` ends them (TERM, then KILL)."""
+def nofile_of(pid: int) -> tuple[int, int] | None:
+    """(soft, hard) ``RLIMIT_NOFILE`` of ``pid`` from ``/proc/<pid>/limits`` (None: gone,
+    or unlimited)."""
+    try:
+        text = Path(f"/proc/{pid}/limits").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Max open files"):
+            fields = line.split()
+            try:
+                return int(fields[3]), int(fields[4])
+            except (IndexError, ValueError):
+                return None
+    return None
 
-    def __init__(self, log_dir: Path) -> None:
+
+class Fleet:
+    """Every subprocess this script started; ``stop_all`` ends them (TERM, then KILL).
+    ``nofile``: the soft and hard ``RLIMIT_NOFILE`` each is started with (None:
+    inherited); ``nofile_got`` holds what each name got, and a note is printed where the
+    kernel refused it (once per limit kept)."""
+
+    def __init__(self, log_dir: Path, nofile: int | None = None) -> None:
         self.log_dir = log_dir
+        self.nofile = nofile
+        self.nofile_got: dict[str, tuple[int, int] | None] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def __repr__(self) -> str:
@@ -317,9 +362,22 @@ class Fleet:
         with (self.log_dir / f"{name}.log").open("ab") as log, \
                 (stdout.open("wb") if stdout else log) as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=log, stdin=subprocess.DEVNULL,
-                                    cwd=ROOT, preexec_fn=child_setup(cpus))
+                                    cwd=ROOT, preexec_fn=child_setup(cpus, self.nofile))
         self.procs.append(proc)
+        if self.nofile is not None:
+            self.note_nofile(name, nofile_of(proc.pid))
         return proc
+
+    def note_nofile(self, name: str, got: tuple[int, int] | None) -> None:
+        """Record the limits ``name`` was started with; print a note the first time a
+        process kept limits other than ``nofile`` (this script may not raise the hard limit)."""
+        kept = got is not None and got != (self.nofile, self.nofile)
+        if kept and got not in self.nofile_got.values():
+            print(f"note: could not set RLIMIT_NOFILE to {self.nofile} for {name} and the "
+                  f"processes after it (raising the hard limit needs CAP_SYS_RESOURCE, which "
+                  f"this script lacks, and at most fs.nr_open); they keep soft/hard "
+                  f"{got[0]}/{got[1]}", file=sys.stderr)
+        self.nofile_got.setdefault(name, got)
 
     def stop_all(self) -> None:
         """TERM every process, KILL those still alive 3 s later, then KILL any of their
@@ -345,9 +403,10 @@ class Fleet:
 
 
 @contextmanager
-def fleet_in(log_dir: Path) -> Iterator[Fleet]:
-    """A ``Fleet`` that is stopped however the block ends, SIGTERM included."""
-    fleet = Fleet(log_dir)
+def fleet_in(log_dir: Path, nofile: int | None = None) -> Iterator[Fleet]:
+    """A ``Fleet`` (started with ``nofile``, see there) that is stopped however the block
+    ends, SIGTERM included."""
+    fleet = Fleet(log_dir, nofile)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         yield fleet
@@ -2564,11 +2623,31 @@ def connections_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     connections_module().connections_report(args, doc)
 
 
+def websocket_module() -> Any:
+    """``scripts/loadtest_websocket.py``, imported when needed (as ``connections_module``)."""
+    if __name__ == "__main__":
+        sys.modules.setdefault("loadtest", sys.modules[__name__])
+        import loadtest_websocket  # type: ignore[import-not-found]
+        return loadtest_websocket
+    from scripts import loadtest_websocket as module
+    return module
+
+
+def run_websocket(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
+    doc: dict[str, Any] = websocket_module().run_websocket(args, fleet)
+    return doc
+
+
+def websocket_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    websocket_module().websocket_report(args, doc)
+
+
 #: ``--scenario`` name -> (run it, print its report).
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace, Fleet], dict[str, Any]],
                            Callable[[argparse.Namespace, dict[str, Any]], None]]] = {
     "overload": (run_overload, overload_report), "failover": (run_failover, failover_report),
-    "resume": (run_resume, resume_report), "connections": (run_connections, connections_report)}
+    "resume": (run_resume, resume_report), "connections": (run_connections, connections_report),
+    "websocket": (run_websocket, websocket_report)}
 
 
 def run_scenario(args: argparse.Namespace) -> int:
@@ -2580,7 +2659,7 @@ def run_scenario(args: argparse.Namespace) -> int:
         print(f"warning: the machine is still busy ({pct:.0f}% of a CPU used by other "
               "processes); running anyway", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="shepherd-load-") as tmp, \
-            fleet_in(Path(tmp)) as fleet:
+            fleet_in(Path(tmp), args.nofile) as fleet:
         try:
             doc = SCENARIOS[args.scenario][0](args, fleet)
         except RuntimeError as exc:
@@ -2641,6 +2720,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--token-delay-ms", type=float, default=0.0, help="mock delay between tokens")
     add("--model", default="mock-gpt", help="model name sent in every request")
     add("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    add("--nofile", type=int, default=65536,
+        help="soft and hard RLIMIT_NOFILE of every process started (gateway, mocks, load "
+        "generators), as systemd's LimitNOFILE= would give them; raising the hard limit needs "
+        "root or CAP_SYS_RESOURCE (otherwise a note is printed and the inherited limit kept)")
     add("--generator", choices=("python", "wrk"),
         help="load generator: python (scripts/loadtest_client.py, every phase) or wrk "
         "(closed-loop non-stream only, so --compare only); default: wrk for --compare when "
@@ -2704,6 +2787,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--ramp-s", type=float, default=10.0,
         help="connections: seconds over which the streams, then the idle connections, open")
     add("--hold-s", type=float, default=3.0, help="connections: seconds everything is held")
+    add("--sessions", type=int, default=10_000,
+        help="websocket: /v1/ws sessions held open (opened over --ramp-s, idle --hold-s)")
+    add("--active-sessions", type=int, default=1_000,
+        help="websocket: sessions streaming at once in a WebSocket phase, and SSE streams "
+        "in an SSE phase (--rounds rounds of both, --duration s each; --token-delay-ms 0: 100)")
     add("--base-ejection-s", type=float, default=2.0,
         help="failover: outlier_detection.base_ejection (the gateway's default, 30, would "
         "keep the restarted mock out for the rest of the run)")
@@ -2733,13 +2821,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                            or args.tokens < 1):
         parser.error("connections needs --connections, --idle-connections >= 0, --ramp-s > 0, "
                      "--hold-s >= 0 and --tokens >= 1")
+    if args.scenario == "websocket" and not (0 < args.active_sessions <= args.sessions
+                                             and args.ramp_s > 0 and args.hold_s > 0
+                                             and args.tokens >= 1):
+        parser.error("websocket needs 0 < --active-sessions <= --sessions, --ramp-s > 0, "
+                     "--hold-s > 0 and --tokens >= 1")
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if unknown := set(args.targets) - set(TARGETS):
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if not 0 <= args.warmup < args.duration or min(args.concurrency, args.procs) < 1:
         parser.error("need 0 <= --warmup < --duration, --concurrency and --procs >= 1")
-    if args.workers < 1 or args.rounds < 1 or args.retries < 0:
-        parser.error("need --workers >= 1, --rounds >= 1 and --retries >= 0")
+    if args.workers < 1 or args.rounds < 1 or args.retries < 0 or args.nofile < 64:
+        parser.error("need --workers >= 1, --rounds >= 1, --retries >= 0 and --nofile >= 64")
     if args.workers > 1 and args.state != "redis" and not args.compare:
         parser.error("--workers > 1 needs --state redis (the gateway refuses memory state)")
     choose_load_tools(args, parser)
@@ -2812,7 +2905,7 @@ def main() -> int:
             print("warning: proxy/ is not runnable yet; skipping the gateway", file=sys.stderr)
             args.targets.remove("gateway")
     with tempfile.TemporaryDirectory(prefix="shepherd-load-") as tmp, \
-            fleet_in(Path(tmp)) as fleet:
+            fleet_in(Path(tmp), args.nofile) as fleet:
         try:
             targets, services = (run_compare if args.compare else run_all)(args, fleet)
         except RuntimeError as exc:

@@ -28,14 +28,18 @@ log on) apart from host and port. Timeline, in seconds from the start (``phase_o
 Every second this script samples the gateway's ``VmRSS`` and open descriptors
 (``/proc/<pid>/fd``); the stream driver samples its streams open. ``/metrics`` is read
 before and after (not during: at the limit, a scrape would be refused like any other
-connection). Outcomes (``classify``): a stream is intact (200, ends with ``data: [DONE]``,
+connection). Every process (gateway, mocks, drivers) is started with ``--nofile`` as its
+soft and hard ``RLIMIT_NOFILE`` (``loadtest.child_setup``; default 65536, so the gateway's
+client connection cap is ``server.max_connections``, not the descriptors), the figure each
+got is in the report. Outcomes (``classify``): a stream is intact (200, ends with ``data: [DONE]``,
 the text is ``expected_text(tokens)``), refused (503: with or without ``retry-after``, how
 fast), or failed: no connection, no response head, another status, or broken after its 200.
 
 Driver: ``loadtest_connections.py '<json spec>'`` prints one JSON object; ``spec["mode"]``
 is ``streams``, ``idle`` or ``probe`` (``STREAMS``/``IDLE``/``PROBE``). Each driver raises
-its own soft ``RLIMIT_NOFILE`` to the hard limit. Everything is bounded: each connection by
-``timeout_s`` (streams: plus their own length), the whole driver by ``deadline_s``.
+its own soft ``RLIMIT_NOFILE`` to the hard limit (for a ``--nofile`` that was refused).
+Everything is bounded: each connection by ``timeout_s`` (streams: plus their own length),
+the whole driver by ``deadline_s``.
 """
 
 from __future__ import annotations
@@ -787,6 +791,7 @@ def summarize_run(args: argparse.Namespace, plan: Plan, servers: dict[str, Any],
                     for s, o in zip(["probe", *(["streams"] if plan.streams else []),
                                      *["idle"] * (len(outputs) - 1 - bool(plan.streams))],
                                     outputs, strict=True)],
+        "nofile": {"asked": fleet.nofile, "started_with": fleet.nofile_got},
         "nofile_here": resource.getrlimit(resource.RLIMIT_NOFILE),
         "ephemeral_ports": Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split(),
         "gateway_logs": lt.log_problems(fleet.log_dir, ["gateway"]),
@@ -854,6 +859,22 @@ def outcome_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def nofile_text(nofile: dict[str, Any]) -> str:
+    """How the harness set ``RLIMIT_NOFILE``: ``--nofile`` and any process that did not
+    get it."""
+    asked = nofile["asked"]
+    if asked is None:
+        return "inherited"
+    kept: dict[str, list[str]] = {}
+    for name, got in nofile["started_with"].items():
+        if got is not None and tuple(got) != (asked, asked):
+            kept.setdefault(f"{got[0]}/{got[1]}", []).append(name)
+    if not kept:
+        return f"--nofile {asked}"
+    return f"--nofile {asked} not permitted: " + ", ".join(
+        f"{', '.join(names)} kept {limits}" for limits, names in kept.items())
+
+
 def pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} %"
 
@@ -892,7 +913,8 @@ def connections_report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     print(f"gateway: server.* defaults (max_connections {lim.get('max_connections')}, "
           f"keepalive_timeout {lim.get('keepalive_timeout_s')} s, header_timeout "
           f"{lim.get('header_timeout_s')} s, backlog {lim.get('backlog')}); RLIMIT_NOFILE "
-          f"{lim.get('soft')}/{lim.get('hard')} -> client connection cap {lim.get('fd_cap')}; "
+          f"{lim.get('soft')}/{lim.get('hard')} ({nofile_text(doc['nofile'])}) -> client "
+          f"connection cap {lim.get('fd_cap')}; "
           f"upstream 'streams' max_connections {plan['streams']:,} (fast mock), 'probe' "
           f"{PROBE_UPSTREAM_CONNECTIONS}")
     print(f"load: {plan['streams']:,} streams over {plan['ramp_s']:g} s ({plan['tokens']} tokens "

@@ -32,10 +32,28 @@ Endpoints
                                 ``encoding_format``: ``float`` | ``base64`` (little-endian
                                 float32); ``dimensions`` (default 8)
 ``POST /v1/responses``          JSON or typed SSE events (``event:`` + ``data:``, no ``[DONE]``)
+``GET  /v1/realtime?model=``    WebSocket speaking the Realtime API's GA event names (subprotocol
+                                ``realtime`` selected when offered): ``session.created`` on
+                                connect; ``session.update`` → ``session.updated``;
+                                ``conversation.item.create`` → ``conversation.item.created``;
+                                ``response.create`` → ``response.created``,
+                                ``response.output_item.added``, ``response.content_part.added``,
+                                one ``response.output_text.delta`` per token,
+                                ``response.output_text.done``, ``response.content_part.done``,
+                                ``response.output_item.done``, ``response.done`` (with
+                                ``usage {input_tokens, output_tokens, total_tokens}``: input
+                                counts the words of the instructions and of every item before
+                                the response, earlier answers too; output counts the tokens;
+                                ``response.max_output_tokens`` cuts it, status
+                                ``incomplete``); a binary message is echoed back as binary;
+                                anything else gets an ``error`` event
 ``*    /v1/<anything else>``    echo: ``{"method", "path", "raw_path", "query_string",
                                 "headers", "body_b64"}`` for byte-exact passthrough tests
 ``GET  /mock/stats``            ``{"requests", "by_path", "open_streams", "streams_completed",
-                                "streams_cancelled", "streams_reset"}``
+                                "streams_cancelled", "streams_reset", "realtime_open",
+                                "realtime_sessions", "realtime_last_close"}``
+                                (``realtime_last_close``: ``{"code", "reason"}`` the last
+                                realtime client closed with, or null)
 ``GET  /mock/requests``         the last 200 ``/v1`` requests, oldest first:
                                 ``[{"method", "path", "headers", "body"}]`` (body: JSON or null)
 ``POST /mock/reset``            zero the counters (not ``open_streams``), clear the request log
@@ -75,7 +93,17 @@ header                      field                  effect
 ``x-mock-vllm-error-after`` ``vllm_error_after``   stream: after k chunks send the flat vLLM
                                                    error ``data: {"object": "error", ...}``
                                                    and end the stream, no ``[DONE]``
+``x-mock-close-code``       ``close_code``         realtime: close the socket with this code
+                                                   (1000-4999) after ``close-after`` events
+``x-mock-close-reason``     ``close_reason``       ... and this reason (``mock close``)
+``x-mock-close-after``      ``close_after``        ... k server events (default 1: right
+                                                   after ``session.created``)
 ==========================  =====================  ========================================
+
+On ``/v1/realtime`` the knobs mean: ``x-mock-status`` answers the handshake with that HTTP
+status (no upgrade); ``ttft-ms`` delays the handshake; ``tokens`` and ``token-delay-ms`` shape
+each response; ``reset-after`` aborts the TCP connection (no close frame) after k server
+events; the ``close-*`` knobs close it cleanly with a chosen code and reason.
 
 A malformed knob header is answered with 400 naming the header.
 """
@@ -96,7 +124,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiohttp.log import access_logger
 
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
@@ -165,6 +193,13 @@ def _error_status(raw: str) -> int:
     return value
 
 
+def _close_code(raw: str) -> int:
+    value = int(raw)
+    if not 1000 <= value <= 4999:
+        raise ValueError(f"must be a WebSocket close code 1000-4999, got {raw!r}")
+    return value
+
+
 def _error_body_kind(raw: str) -> str:
     if raw not in ("json", "text"):
         raise ValueError(f"must be 'json' or 'text', got {raw!r}")
@@ -188,6 +223,9 @@ class MockConfig:
     silence_s: float = 0.0
     silence_after: int = 1
     vllm_error_after: int | None = None
+    close_code: int | None = None
+    close_reason: str = "mock close"
+    close_after: int = 1
 
 
 # (request header, MockConfig field, parser, CLI help) — CLI flags are the field names.
@@ -202,6 +240,9 @@ KNOBS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("x-mock-silence-s", "silence_s", _non_negative_float, "go silent this long, seconds"),
     ("x-mock-silence-after", "silence_after", _non_negative_int, "... after chunk k"),
     ("x-mock-vllm-error-after", "vllm_error_after", _non_negative_int, "vLLM error after k chunks"),
+    ("x-mock-close-code", "close_code", _close_code, "realtime: close with this code ..."),
+    ("x-mock-close-reason", "close_reason", str, "... and this reason ..."),
+    ("x-mock-close-after", "close_after", _non_negative_int, "... after k server events"),
 )
 
 
@@ -286,6 +327,9 @@ class MockStats:
     streams_completed: int = 0
     streams_cancelled: int = 0
     streams_reset: int = 0
+    realtime_open: int = 0
+    realtime_sessions: int = 0
+    realtime_last_close: dict[str, Any] | None = None
     log: deque[tuple[str, str, Mapping[str, str], bytes]] = field(
         default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE)
     )
@@ -315,6 +359,8 @@ class MockStats:
     def reset(self) -> None:
         """Zero the counters and clear the log; ``open_streams`` is a gauge and is kept."""
         self.requests = self.streams_completed = self.streams_cancelled = self.streams_reset = 0
+        self.realtime_sessions = 0
+        self.realtime_last_close = None
         self.by_path.clear()
         self.log.clear()
 
@@ -326,6 +372,9 @@ class MockStats:
             "streams_completed": self.streams_completed,
             "streams_cancelled": self.streams_cancelled,
             "streams_reset": self.streams_reset,
+            "realtime_open": self.realtime_open,
+            "realtime_sessions": self.realtime_sessions,
+            "realtime_last_close": self.realtime_last_close,
         }
 
 
@@ -715,6 +764,167 @@ async def responses(request: web.Request) -> web.StreamResponse:
     return await _reply(request, config, final, n_tokens)
 
 
+# --------------------------------------------------------------------------- realtime
+
+
+@dataclass(slots=True)
+class RealtimeSession:
+    """One mock Realtime API session: its settings, the conversation's items and a count of
+    the server events sent (for the ``close-after`` / ``reset-after`` knobs)."""
+
+    request: web.Request
+    ws: web.WebSocketResponse
+    config: MockConfig
+    session: dict[str, Any]
+    items: list[dict[str, Any]] = field(default_factory=list)
+    sent: int = 0
+    ended: bool = False
+
+    def next_id(self, prefix: str) -> str:
+        return f"{prefix}{self.request.app[NEXT_ID_KEY]()}"
+
+    async def send(self, kind: str, **data: Any) -> None:
+        """Send one server event (``event_id`` and ``type`` added), then apply the close and
+        reset knobs; ``ended`` is set once the socket is closed or aborted."""
+        if self.ended:
+            return
+        event = {"event_id": self.next_id("event_mock_"), "type": kind, **data}
+        await self.ws.send_str(orjson.dumps(event).decode())
+        self.sent += 1
+        config = self.config
+        if config.reset_after is not None and self.sent >= config.reset_after:
+            self.ended = True
+            _abort(self.request)
+        elif config.close_code is not None and self.sent >= config.close_after:
+            self.ended = True
+            await self.ws.close(code=config.close_code, message=config.close_reason.encode())
+
+    async def error(self, message: str, code: str, event_id: object = None) -> None:
+        """The Realtime API's ``error`` event; the session stays open."""
+        await self.send("error", error={"type": "invalid_request_error", "code": code,
+                                        "message": message, "param": None, "event_id": event_id})
+
+
+def _realtime_session(session_id: str, model: str) -> dict[str, Any]:
+    """The session object of ``session.created`` (GA shape, text output)."""
+    return {"type": "realtime", "object": "realtime.session", "id": session_id, "model": model,
+            "output_modalities": ["text"], "instructions": "", "tools": [], "tool_choice": "auto",
+            "max_output_tokens": "inf"}
+
+
+async def _realtime_item_create(rt: RealtimeSession, event: dict[str, Any]) -> None:
+    item = event.get("item")
+    if not isinstance(item, dict):
+        await rt.error("conversation.item.create needs an `item` object", "missing_required_parameter",
+                       event.get("event_id"))
+        return
+    previous = rt.items[-1]["id"] if rt.items else None
+    item = {"id": rt.next_id("item_mock_"), "object": "realtime.item", "status": "completed", **item}
+    rt.items.append(item)
+    await rt.send("conversation.item.created", previous_item_id=previous, item=item)
+
+
+def _realtime_limit(rt: RealtimeSession, response: dict[str, Any]) -> int | None:
+    """``max_output_tokens`` of the response, else of the session; ``None`` for ``inf``."""
+    limit = response.get("max_output_tokens", rt.session.get("max_output_tokens"))
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def _realtime_usage(rt: RealtimeSession, n_tokens: int) -> dict[str, Any]:
+    """Realtime usage: input counts the words of the instructions and every item so far."""
+    input_tokens = max(1, _words(rt.items) + _words(rt.session.get("instructions")))
+    return {
+        "total_tokens": input_tokens + n_tokens,
+        "input_tokens": input_tokens,
+        "output_tokens": n_tokens,
+        "input_token_details": {"text_tokens": input_tokens, "audio_tokens": 0, "cached_tokens": 0},
+        "output_token_details": {"text_tokens": n_tokens, "audio_tokens": 0},
+    }
+
+
+async def _realtime_response(rt: RealtimeSession, event: dict[str, Any]) -> None:
+    """``response.create``: the GA event sequence for a text answer, ``response.done`` last."""
+    options = event.get("response") if isinstance(event.get("response"), dict) else {}
+    n_tokens, cut = _answer_length(rt.config, _realtime_limit(rt, options))
+    response_id, item_id = rt.next_id("resp_mock_"), rt.next_id("item_mock_")
+    status = "incomplete" if cut else "completed"
+    text = expected_text(n_tokens)
+    part = {"type": "output_text", "text": text}
+    item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+            "status": "completed", "content": [part]}
+    pending = {"id": response_id, "object": "realtime.response", "status": "in_progress",
+               "status_details": None, "output": [], "conversation_id": "conv_mock",
+               "output_modalities": ["text"], "usage": None}
+    where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+    await rt.send("response.created", response=pending)
+    await rt.send("response.output_item.added", response_id=response_id, output_index=0,
+                  item={**item, "status": "in_progress", "content": []})
+    await rt.send("response.content_part.added", **where, part={**part, "text": ""})
+    for k in range(n_tokens):
+        if rt.config.token_delay_ms:
+            await asyncio.sleep(rt.config.token_delay_ms / 1000)
+        await rt.send("response.output_text.delta", **where, delta=token(k))
+    await rt.send("response.output_text.done", **where, text=text)
+    await rt.send("response.content_part.done", **where, part=part)
+    await rt.send("response.output_item.done", response_id=response_id, output_index=0, item=item)
+    usage = _realtime_usage(rt, n_tokens)
+    rt.items.append(item)  # the input of later responses
+    details = {"type": "incomplete", "reason": "max_output_tokens"} if cut else None
+    await rt.send("response.done", response={**pending, "status": status, "status_details": details,
+                                             "output": [item], "usage": usage})
+
+
+async def _realtime_event(rt: RealtimeSession, raw: str) -> None:
+    """Answer one client event."""
+    try:
+        event = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        await rt.error("the message is not valid JSON", "invalid_json")
+        return
+    kind = event.get("type") if isinstance(event, dict) else None
+    if kind == "session.update" and isinstance(event.get("session"), dict):
+        rt.session.update(event["session"])
+        await rt.send("session.updated", session=rt.session)
+    elif kind == "conversation.item.create":
+        await _realtime_item_create(rt, event)
+    elif kind == "response.create":
+        await _realtime_response(rt, event)
+    else:
+        event_id = event.get("event_id") if isinstance(event, dict) else None
+        await rt.error(f"unsupported event type {kind!r}", "unknown_event", event_id)
+
+
+async def realtime(request: web.Request) -> web.StreamResponse:
+    """GET /v1/realtime?model=: the Realtime API over WebSocket (OpenAI API reference,
+    "Realtime"), GA event names, text only. Knobs as in the module docstring."""
+    config, _ = await _begin(request)
+    model = request.query.get("model") or MODEL_IDS[0]
+    ws = web.WebSocketResponse(protocols=("realtime",))
+    await ws.prepare(request)
+    stats = request.app[STATS_KEY]
+    stats.realtime_open += 1
+    stats.realtime_sessions += 1
+    session = _realtime_session(f"sess_mock_{request.app[NEXT_ID_KEY]()}", model)
+    rt = RealtimeSession(request, ws, config, session)
+    try:
+        await rt.send("session.created", session=rt.session)
+        while not rt.ended:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT:
+                await _realtime_event(rt, msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+            else:  # CLOSE (its code and reason are kept), CLOSING, CLOSED, ERROR
+                if msg.type is WSMsgType.CLOSE:
+                    stats.realtime_last_close = {"code": msg.data, "reason": msg.extra or ""}
+                break
+    except ConnectionResetError:
+        pass
+    finally:
+        stats.realtime_open -= 1
+    return ws
+
+
 # --------------------------------------------------------------------------- models, echo
 
 
@@ -815,6 +1025,7 @@ def create_app(config: MockConfig | None = None) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/responses", responses)
+    app.router.add_get("/v1/realtime", realtime)
     app.router.add_route("*", "/v1/{tail:.*}", echo)
     return app
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,35 @@ def test_several_workers_need_redis() -> None:
     assert settings.server.workers == 4
 
 
+def test_cross_field_errors_come_with_the_others_at_their_key_paths() -> None:
+    raw = tree(server={"workers": 2, "port": "nope"},
+               models={"gpt": {"upstreams": ["mock", "ghost"]}},
+               keys={"demo": {"key": CLIENT_SECRET}, "twin": {"key": CLIENT_SECRET}})
+    with pytest.raises(ConfigError) as info:
+        load_settings(raw, env={})
+    paths = dict(info.value.errors)
+    assert set(paths) == {"server.port", "server.workers", "models.gpt.upstreams", "keys.twin.key"}
+    assert "ghost" in paths["models.gpt.upstreams"]
+    assert "keys.demo" in paths["keys.twin.key"]
+    assert CLIENT_SECRET not in str(info.value)
+
+
+def test_two_keys_with_one_secret_are_refused_also_as_a_digest() -> None:
+    digest = hashlib.sha256(CLIENT_SECRET.encode()).hexdigest().upper()
+    with pytest.raises(ConfigError) as info:
+        load_settings(tree(keys={"hashed": {"key_sha256": digest}}), env={})
+    assert [path for path, _ in info.value.errors] == ["keys.hashed.key_sha256"]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "https://api.openai.com/"])
+def test_base_url_without_a_path_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tree(upstreams={"mock": {"base_url": url}}), env={})
+    ((path, message),) = info.value.errors
+    assert path == "upstreams.mock.base_url"
+    assert "/v1" in message
+
+
 def test_blocks_of_quota_settings() -> None:
     limits = load_settings(tree(), env={}).limits
     assert (limits.block_ttl_s, limits.block_max_requests) == (0.25, 256)
@@ -285,7 +315,7 @@ def test_yaml_syntax_error_is_a_config_error_naming_file_and_line(tmp_path: Path
 def test_yaml_syntax_error_does_not_echo_the_secret_on_the_bad_line(tmp_path: Path) -> None:
     # `shepherd serve` / `check-config` print this error to stderr, i.e. into service logs.
     path = tmp_path / "broken.yaml"
-    path.write_text(f"upstreams: {{mock: {{base_url: 'http://x'}}}}\nkeys:\n  demo:\n"
+    path.write_text(f"upstreams: {{mock: {{base_url: 'http://x/v1'}}}}\nkeys:\n  demo:\n"
                     f"    key: {CLIENT_SECRET}: oops\n")
     with pytest.raises(ConfigError) as info:
         load_settings_file(path, env={})
@@ -301,7 +331,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_file_errors_carry_the_file_name(tmp_path: Path) -> None:
     path = tmp_path / "gw.yaml"
-    path.write_text("upstreams: {mock: {base_url: 'http://x'}}\nkeys: {demo: {}}\n")
+    path.write_text("upstreams: {mock: {base_url: 'http://x/v1'}}\nkeys: {demo: {}}\n")
     with pytest.raises(ConfigError) as info:
         load_settings_file(path, env={})
     assert info.value.source == str(path)

@@ -11,6 +11,7 @@ import asyncio
 import copy
 import logging
 import re
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -96,7 +97,7 @@ def spent(store: MemoryLimitStore, budget: Budget) -> tuple[int, float]:
 
 def settings_from(keys: dict[str, Any], models: dict[str, Any] | None = None) -> Settings:
     tree: dict[str, Any] = {
-        "upstreams": {"u": {"base_url": "http://127.0.0.1:9"}},
+        "upstreams": {"u": {"base_url": "http://127.0.0.1:9/v1"}},
         "keys": {name: {"key": f"sk-test-{name}", **cfg} for name, cfg in keys.items()},
     }
     if models is not None:
@@ -520,6 +521,23 @@ def test_budget_window_starts_fresh() -> None:
     store.settle_now(demand, "ls_old", old.budget_window, 150, 0.0)
     assert spent(store, budget) == (60, 0.0)
     assert store.acquire_now(Demand((), 40, budget=budget), "ls_more").allowed
+
+
+def test_budget_refusal_says_what_is_left_and_when_it_resets() -> None:
+    clock = FakeClock(100 * DAY_S + 3600.0)  # 01:00 UTC
+    store = new_store(clock)
+    budget = Budget("k", tokens=1000, usd=None, period_s=DAY_S)
+    assert store.acquire_now(Demand((), 900, budget=budget), "ls_a").allowed
+    verdict = store.acquire_now(Demand((), 200, budget=budget), "ls_b")
+    assert verdict.budget_spent == (900, 0.0)
+    error = refusal_error(verdict, {}, Demand((), 200, budget=budget), clock.t)
+    assert error.code == "insufficient_quota"
+    assert "900 of 1,000 tokens used, 100 left" in error.message
+    assert "this request reserves 200" in error.message
+    assert "resets in 23h0m0s" in error.message
+    assert f"(at {time.strftime('%Y-%m-%dT00:00:00Z', time.gmtime(101 * DAY_S))})" in error.message
+    assert error.retry_after_s == 23 * 3600
+    assert error.should_retry is False
 
 
 PRICED = {"m": {"price": {"input_per_mtok": 2.0, "output_per_mtok": 8.0}}, "free": {}}

@@ -321,3 +321,99 @@ async def test_standalone_script_prints_listening_line_and_serves() -> None:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+# --------------------------------------------------------------------------- realtime
+
+
+async def realtime_events(ws: Any, until: str) -> list[dict[str, Any]]:
+    """Server events up to and including the first of type ``until``."""
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(5):
+        while not events or events[-1]["type"] != until:
+            events.append(await ws.receive_json())
+    return events
+
+
+async def test_realtime_round_trip_speaks_ga_event_names(client: Client) -> None:
+    async with client.ws_connect("/v1/realtime?model=mock-gpt", protocols=("realtime",)) as ws:
+        assert ws.protocol == "realtime"
+        created = await ws.receive_json()
+        assert (created["type"], created["session"]["model"]) == ("session.created", "mock-gpt")
+        session = {"type": "realtime", "instructions": "be nice"}
+        await ws.send_json({"type": "session.update", "session": session})
+        assert (await ws.receive_json())["session"]["instructions"] == "be nice"
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi you"}]}
+        await ws.send_json({"type": "conversation.item.create", "item": item})
+        added = await ws.receive_json()
+        assert (added["type"], added["previous_item_id"]) == ("conversation.item.created", None)
+        await ws.send_json({"type": "response.create"})
+        events = await realtime_events(ws, "response.done")
+        kinds = [e["type"] for e in events]
+        assert kinds[0] == "response.created"
+        assert "response.output_text.done" in kinds
+        deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+        assert "".join(deltas) == expected_text(DEFAULT_TOKENS)
+        done = events[-1]["response"]
+        assert done["status"] == "completed"
+        assert done["usage"]["input_tokens"] == 4  # "be nice" + "hi you"
+        assert done["usage"]["output_tokens"] == DEFAULT_TOKENS
+        assert done["usage"]["total_tokens"] == 4 + DEFAULT_TOKENS
+        # The answer is input of the next response.
+        await ws.send_json({"type": "response.create", "response": {"max_output_tokens": 2}})
+        done = (await realtime_events(ws, "response.done"))[-1]["response"]
+        assert (done["status"], done["usage"]["input_tokens"]) == ("incomplete", 4 + DEFAULT_TOKENS)
+
+
+async def test_realtime_echoes_binary_and_answers_unknown_events_with_error(client: Client) -> None:
+    async with client.ws_connect("/v1/realtime?model=mock-gpt") as ws:
+        await ws.receive_json()
+        await ws.send_bytes(b"\x00\x01audio")
+        assert (await ws.receive()).data == b"\x00\x01audio"
+        await ws.send_str('{"type": "nope", "event_id": "e1"}')
+        error = await ws.receive_json()
+        assert error["type"] == "error"
+        assert (error["error"]["code"], error["error"]["event_id"]) == ("unknown_event", "e1")
+        await ws.send_str("not json")
+        assert (await ws.receive_json())["error"]["code"] == "invalid_json"
+
+
+async def test_realtime_close_knobs(client: Client) -> None:
+    headers = {"x-mock-close-code": "4001", "x-mock-close-reason": "bye now", "x-mock-close-after": "1"}
+    async with client.ws_connect("/v1/realtime", headers=headers) as ws:
+        assert (await ws.receive_json())["type"] == "session.created"
+        msg = await ws.receive()
+        assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, 4001, "bye now")
+
+
+async def test_realtime_reset_knob_drops_the_connection(client: Client) -> None:
+    async with client.ws_connect("/v1/realtime", headers={"x-mock-reset-after": "1"}) as ws:
+        await ws.receive_json()
+        msg = await ws.receive()
+        assert msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+        assert ws.close_code not in (1000, 4001)
+
+
+async def test_realtime_status_knob_refuses_the_handshake(client: Client) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/v1/realtime", headers={"x-mock-status": "503"})
+    assert info.value.status == 503
+    resp = await client.get("/v1/realtime", headers={"x-mock-close-code": "999"})
+    assert resp.status == 400
+    assert "x-mock-close-code" in (await resp.json())["error"]["message"]
+
+
+async def test_realtime_stats_record_sessions_and_the_clients_close(client: Client) -> None:
+    async with client.ws_connect("/v1/realtime", headers={"Authorization": "Bearer sk-up"}) as ws:
+        await ws.receive_json()
+        assert (await stats(client))["realtime_open"] == 1
+        await ws.close(code=4002, message=b"done here")
+    for _ in range(100):
+        current = await stats(client)
+        if current["realtime_open"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert current["realtime_sessions"] == 1
+    assert current["realtime_last_close"] == {"code": 4002, "reason": "done here"}
+    logged = await (await client.get("/mock/requests")).json()
+    assert logged[-1]["headers"]["Authorization"] == "Bearer sk-up"

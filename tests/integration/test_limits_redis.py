@@ -351,6 +351,11 @@ async def test_budget_is_not_overspent_by_concurrent_requests(
                 assert reply.code == "insufficient_quota", reply
                 assert reply.body["error"]["type"] == "insufficient_quota", reply
                 assert reply.headers.get("x-should-retry") == "false", reply.headers
+                message = reply.body["error"]["message"]
+                assert f"of {budget:,} tokens used" in message, message  # what is left ...
+                assert "left" in message, message
+                assert "resets in" in message, message  # ... and when it resets
+                assert 0 < int(reply.headers["retry-after"]) <= 86400, reply.headers
         charged = int(await rds.hget(budget_keys[0], "tok"))
         used = sum(reply.body["usage"]["total_tokens"] for reply in replies if reply.status == 200)
         assert charged == presend * actual + used          # reconciled to the actual usage

@@ -307,7 +307,7 @@ async def test_cancel_stops_generation(start_gateway: StartGateway, slow_mock: M
     assert frames[-1]["error"]["code"] == "stream_cancelled"
     assert len(frames) < 64
     async with asyncio.timeout(IO_TIMEOUT_S):
-        while (await slow_mock.stats())["open_streams"]:
+        while (await slow_mock.stats())["open_streams"]:  # noqa: ASYNC110 (polling another server)
             await asyncio.sleep(0.05)
 
 

@@ -47,7 +47,7 @@ async def frames_until_end(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str
     frames: list[dict[str, Any]] = []
     async with asyncio.timeout(IO_TIMEOUT_S):
         while not frames or frames[-1]["type"] not in ("done", "error"):
-            frames.append(json.loads((await ws.receive_str())))
+            frames.append(json.loads(await ws.receive_str()))
     return frames
 
 
@@ -66,8 +66,8 @@ async def test_a_socket_cut_on_one_instance_resumes_on_the_other(
     a, b = await asyncio.gather(gateway_process(config), gateway_process(config))
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(a.url + "/v1/ws", headers=AUTH) as ws:
-            await ws.send_json({"type": "request", "id": "r",
-                                "body": {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}})
+            await ws.send_json({"type": "request", "id": "r", "body": {
+                "model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}})
             head = [json.loads(await ws.receive_str(timeout=IO_TIMEOUT_S)) for _ in range(5)]
             ws._response.connection.transport.abort()  # type: ignore[union-attr]  # the network drops
         stream_id, last_seq = head[-1]["stream_id"], head[-1]["seq"]
