@@ -16,6 +16,7 @@ from proxy.app import (
     GC_THRESHOLDS,
     STREAM_STORE_MAX_CONNECTIONS,
     create_app,
+    full_gc_forever,
     reserved_fds,
     start_server,
     tune_gc,
@@ -179,14 +180,40 @@ async def test_models_list_keeps_upstream_models_matching_its_patterns(
 async def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold() -> None:
     before = gc.get_threshold()
     app = create_app(load_settings(base_config("http://127.0.0.1:9/v1"), env={}))
+    tuning = tune_gc(app)
     try:
-        await tune_gc(app)
+        await anext(tuning)
         assert gc.get_freeze_count() > 10_000  # at least the modules' objects
         assert gc.get_threshold() == GC_THRESHOLDS
         # the old generation that a full collection scans is (nearly) empty
         assert len(gc.get_objects(generation=2)) < 1_000
     finally:
+        await anext(tuning, None)  # stops the periodic full collection
         gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+async def test_full_gc_forever_collects_cycles_that_automatic_collection_no_longer_reaches(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Node:
+        def __init__(self) -> None:
+            self.me = self
+
+    before = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        gc.collect()
+        alive = [Node() for _ in range(100)]
+        gc.collect(1)  # young collections promote what is still alive to the old generation ...
+        del alive  # ... where it becomes cyclic garbage that only a full collection finds
+        gc.collect(1)
+        assert sum(isinstance(o, Node) for o in gc.get_objects(generation=2)) == 100
+        task = asyncio.get_running_loop().create_task(full_gc_forever(0.01))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert not any(isinstance(o, Node) for o in gc.get_objects())
+    finally:
         gc.set_threshold(*before)
 
 
