@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from proxy import ws_api, ws_realtime, ws_responses
+from proxy import cors, ws_api, ws_realtime, ws_responses
 from proxy.admission import Admission, SlotLimits
 from proxy.auth import KeyStore
 from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
@@ -78,6 +78,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_health_probes)
     app.cleanup_ctx.append(_log_flusher)
     app.on_response_prepare.append(add_request_id)
+    cors.setup(app, settings.server.cors_origins)
     app.on_shutdown.append(_on_shutdown)
     ws_api.add_routes(app)  # WebSocket endpoints; aiohttp matches them before the /v1 catch-all
     ws_responses.add_routes(app, passthrough)

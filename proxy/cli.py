@@ -57,3 +57,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"shepherd: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the port is taken, the address is not ours, no permission
+        host = args.host or settings.server.host
+        port = args.port if args.port is not None else settings.server.port
+        print(f"shepherd: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2

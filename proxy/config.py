@@ -114,7 +114,8 @@ class ServerConfig(_Frozen):
     (slowloris); ``keepalive_timeout``: an idle keep-alive connection is closed after it
     (keep it above the idle timeout of a load balancer in front, e.g. 60 s on AWS ALB);
     ``backlog``: the listen queue (``listen(2)``; the kernel caps it at
-    ``net.core.somaxconn``).
+    ``net.core.somaxconn``). ``cors_origins``: browser origins (``https://app.example.com``,
+    or ``*``) allowed to call the gateway cross-origin (``proxy.cors``; none by default).
     """
 
     host: str = "127.0.0.1"
@@ -129,6 +130,16 @@ class ServerConfig(_Frozen):
     header_timeout_s: PositiveDurationS = Field(10.0, alias="header_timeout")
     keepalive_timeout_s: PositiveDurationS = Field(15.0, alias="keepalive_timeout")
     backlog: int = Field(1024, ge=1, le=65535)
+    cors_origins: tuple[str, ...] = ()
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+                raise ValueError(f"{origin!r} is not an origin: use scheme://host[:port] with no "
+                                 "path (e.g. https://app.example.com), or *")
+        return value
 
 
 class StateConfig(_Frozen):

@@ -75,3 +75,18 @@ def test_hash_key_prints_sha256() -> None:
     result = shepherd("hash-key", SECRET)
     assert result.returncode == 0
     assert result.stdout == hashlib.sha256(SECRET.encode()).hexdigest() + "\n"
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = shepherd("serve", "--config", "config/gateway.yaml", "--port", str(port))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert errors == [f"shepherd: cannot listen on 127.0.0.1:{port}: error while attempting to bind "
+                      f"on address ('127.0.0.1', {port}): address already in use"]
+    assert "Traceback" not in result.stderr

@@ -430,3 +430,11 @@ def test_panic_threshold_percent_reaches_the_balancer() -> None:
     for _ in range(5):
         default.record_failure("mock")
     assert default.candidates("m", ("*",)) == ["mock"]
+
+
+def test_cors_origins_must_be_origins() -> None:
+    settings = load_settings(tree(server={"cors_origins": ["https://app.example.com", "*"]}), env={})
+    assert settings.server.cors_origins == ("https://app.example.com", "*")
+    with pytest.raises(ConfigError) as info:
+        load_settings(tree(server={"cors_origins": ["https://app.example.com/path"]}), env={})
+    assert [path for path, _ in info.value.errors] == ["server.cors_origins"]
