@@ -111,7 +111,9 @@ class ServerConfig(_Frozen):
     the upstream pools, a new connection is answered 503 ``overloaded`` and closed);
     ``header_timeout``: a connection whose request line and headers are not complete this
     long after it opened (or after the first byte of its next request) is closed
-    (slowloris); ``keepalive_timeout``: an idle keep-alive connection is closed after it
+    (slowloris); ``body_timeout``: a request body not complete this long after its headers
+    gets 408 and the connection is closed (a slow upload); ``keepalive_timeout``: an idle
+    keep-alive connection is closed after it
     (keep it above the idle timeout of a load balancer in front, e.g. 60 s on AWS ALB);
     ``backlog``: the listen queue (``listen(2)``; the kernel caps it at
     ``net.core.somaxconn``). ``cors_origins``: browser origins (``https://app.example.com``,
@@ -128,6 +130,7 @@ class ServerConfig(_Frozen):
     access_log: bool = True
     max_connections: int = Field(10_000, ge=1)
     header_timeout_s: PositiveDurationS = Field(10.0, alias="header_timeout")
+    body_timeout_s: PositiveDurationS = Field(60.0, alias="body_timeout")
     keepalive_timeout_s: PositiveDurationS = Field(15.0, alias="keepalive_timeout")
     backlog: int = Field(1024, ge=1, le=65535)
     cors_origins: tuple[str, ...] = ()

@@ -6,6 +6,7 @@ Class tree (the HTTP status each answers with)::
     ├── InvalidRequestError (400 invalid_request_error)
     │   └── RequestTooLargeError (413)
     ├── AuthenticationError (401)
+    ├── PermissionDeniedError (403 permission_denied)
     ├── NotFoundError (404)
     │   └── ModelNotFoundError (404 model_not_found)
     ├── MethodNotAllowedError (405)
@@ -110,6 +111,14 @@ class InvalidRequestError(GatewayError):
     error_type = "invalid_request_error"
 
 
+class RequestTimeoutError(InvalidRequestError):
+    """The request body did not arrive within ``server.body_timeout`` (408, RFC 9110 §15.5.9);
+    the connection is closed."""
+
+    status = 408
+    default_code = "request_timeout"
+
+
 class RequestTooLargeError(InvalidRequestError):
     """The body exceeds ``server.max_body_bytes`` (413, RFC 9110 §15.5.14)."""
 
@@ -123,6 +132,14 @@ class AuthenticationError(GatewayError):
     status = 401
     error_type = "invalid_request_error"
     default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    """A valid key that may not do this (403): e.g. a virtual key on ``/admin/*``."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    default_code = "permission_denied"
 
 
 class NotFoundError(GatewayError):

@@ -29,6 +29,7 @@ from proxy.errors import (
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
+    RequestTimeoutError,
     RequestTooLargeError,
 )
 from proxy.observability import (
@@ -135,6 +136,8 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except GatewayError as exc:
         response = error_response(exc)
+        if isinstance(exc, RequestTimeoutError):
+            response.force_close()  # the rest of the body is never read
     except web.HTTPException as exc:
         gateway_error = _from_http_exception(request, exc)
         response = error_response(gateway_error)
@@ -161,12 +164,18 @@ async def read_body(request: web.Request) -> bytes:
     Raises:
         RequestTooLargeError: declared or actual size over the limit (413), before any
             upstream is contacted.
+        RequestTimeoutError: the body took longer than ``server.body_timeout`` (408); the
+            connection is closed once the answer is written.
     """
     _check_declared_size(request)
     try:
-        return await request.read()
+        async with asyncio.timeout(request.app[GATEWAY].settings.server.body_timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(request) from None
+    except TimeoutError:
+        request.content.feed_eof()  # aiohttp skips its lingering read: it closes after the 408
+        raise RequestTimeoutError("The request body did not arrive within server.body_timeout.") from None
 
 
 def _check_declared_size(request: web.Request) -> None:

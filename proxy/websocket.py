@@ -50,6 +50,10 @@ JSONDict = dict[str, Any]
 #: Close codes used here (RFC 6455 §7.4.1; 1012 from IANA's WebSocket close code registry).
 GOING_AWAY, UNSUPPORTED_DATA, POLICY_VIOLATION, INTERNAL_ERROR = 1001, 1003, 1008, 1011
 
+#: Bytes waiting in a socket's write buffer past which ``send_many`` waits for it to drain
+#: (aiohttp's writer waits past 64 KiB too).
+WRITE_BUFFER_HIGH_BYTES = 64 * 1024
+
 #: How long a socket that must authenticate by its first frame may take to send it, in seconds.
 AUTH_FRAME_TIMEOUT_S = 10.0
 
@@ -102,12 +106,13 @@ class ClientSocket:
             its ``in_flight`` counts the requests running on this socket.
     """
 
-    __slots__ = ("ws", "gateway", "principal", "held", "path")
+    __slots__ = ("ws", "gateway", "principal", "held", "path", "request")
 
-    def __init__(self, ws: web.WebSocketResponse, gateway: Gateway, path: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, gateway: Gateway, request: web.Request) -> None:
         self.ws = ws
         self.gateway = gateway
-        self.path = path
+        self.request = request
+        self.path = request.path
         self.principal: Principal | None = None
         self.held: OpenSocket | None = None
 
@@ -131,7 +136,7 @@ class ClientSocket:
         ws = web.WebSocketResponse(heartbeat=cfg.heartbeat_s, max_msg_size=cfg.max_frame_bytes,
                                    protocols=protocols, compress=False, decode_text=False,
                                    timeout=CLOSE_TIMEOUT_S)
-        socket = cls(ws, gateway, request.path)
+        socket = cls(ws, gateway, request)
         if principal is not None:
             socket.authenticate(principal)
         try:
@@ -180,6 +185,24 @@ class ClientSocket:
         if self.ws.closed:
             raise ConnectionResetError("the WebSocket is closed")
         await self.ws.send_frame(text, aiohttp.WSMsgType.TEXT)
+
+    async def send_many(self, texts: list[bytes]) -> None:
+        """Send each of ``texts`` as its own text message, all in one write to the socket
+        (a stream's chunks that were ready together cost one system call, as an SSE batch
+        does), then wait while the socket's buffer is over ``WRITE_BUFFER_HIGH_BYTES``
+        (backpressure, as ``send``). The frames are built here (``text_frame``) because
+        aiohttp writes one frame per call; compression is off on these sockets, and every
+        write is synchronous, so frames never interleave with aiohttp's own (pings, close).
+        Raises ``ConnectionResetError`` when the socket is gone or closing."""
+        if len(texts) == 1:
+            await self.send_raw(texts[0])
+            return
+        transport = self.request.transport
+        if self.ws.closed or transport is None or transport.is_closing():
+            raise ConnectionResetError("the WebSocket is closed")
+        transport.write(b"".join(text_frame(text) for text in texts))
+        if transport.get_write_buffer_size() > WRITE_BUFFER_HIGH_BYTES:
+            await self.request.writer.drain()
 
     async def messages(self) -> AsyncIterator[JSONDict]:
         """The client's frames as JSON objects, until the socket closes (see the module
@@ -320,16 +343,38 @@ class StreamEvent:
         return self.data.startswith(b'{"error"')
 
 
-async def stream_events(reader: StreamCursor, keepalive_s: float) -> AsyncIterator[StreamEvent]:
-    """The events after ``reader``'s cursor, then the live tail, until the log ends; the
-    reader waits at most ``keepalive_s`` at a time (silence is not an end). The caller
-    closes the reader."""
+async def stream_batches(reader: StreamCursor, keepalive_s: float) -> AsyncIterator[list[StreamEvent]]:
+    """The events after ``reader``'s cursor, then the live tail, until the log ends, in the
+    batches the log hands out (all that was ready; never empty); the reader waits at most
+    ``keepalive_s`` at a time (silence is not an end). The caller closes the reader."""
     while (frames := await reader.next(keepalive_s)) is not None:
+        if not frames:
+            continue
         seq = reader.after_seq - len(frames)
+        batch = []
         for frame in frames:
             seq += 1
             event, data = decode_frame(frame)
-            yield StreamEvent(seq, event, data)
+            batch.append(StreamEvent(seq, event, data))
+        yield batch
+
+
+async def stream_events(reader: StreamCursor, keepalive_s: float) -> AsyncIterator[StreamEvent]:
+    """``stream_batches``, one event at a time."""
+    async for batch in stream_batches(reader, keepalive_s):
+        for event in batch:
+            yield event
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented text frame (RFC 6455 §5.2: FIN + opcode 1; a server never
+    masks), as aiohttp's writer builds it without compression."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
 
 
 def usage_of(event: StreamEvent) -> JSONDict | None:

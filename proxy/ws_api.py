@@ -75,6 +75,7 @@ from proxy.websocket import (
     ClientSocket,
     StreamEvent,
     handshake_principal,
+    stream_batches,
     stream_events,
     usage_of,
 )
@@ -259,16 +260,21 @@ class NativeSession:
         usage: JSONDict | None = None
         keepalive_s = socket.gateway.settings.server.sse_keepalive_s
         try:
-            async for event in stream_events(reader, keepalive_s):
-                if event.done:
-                    continue
-                if event.error:
-                    await socket.send_raw(b'{"type":"error","id":' + orjson.dumps(request_id)
-                                          + b',"stream_id":"' + stream_id.encode() + b'","seq":'
-                                          + str(event.seq).encode() + b"," + event.data[1:])
-                    return
-                usage = usage_of(event) or usage
-                await socket.send_raw(head + str(event.seq).encode() + b',"data":' + event.data + b"}")
+            async for batch in stream_batches(reader, keepalive_s):
+                texts = []
+                for event in batch:
+                    if event.done:
+                        continue
+                    if event.error:
+                        texts.append(b'{"type":"error","id":' + orjson.dumps(request_id) + b',"stream_id":"'
+                                     + stream_id.encode() + b'","seq":' + str(event.seq).encode() + b","
+                                     + event.data[1:])
+                        await socket.send_many(texts)
+                        return
+                    usage = usage_of(event) or usage
+                    texts.append(head + str(event.seq).encode() + b',"data":' + event.data + b"}")
+                if texts:
+                    await socket.send_many(texts)
         finally:
             reader.close()
         if answer.metering is not None and answer.metering.usage is not None:

@@ -2791,7 +2791,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="websocket: /v1/ws sessions held open (opened over --ramp-s, idle --hold-s)")
     add("--active-sessions", type=int, default=1_000,
         help="websocket: sessions streaming at once in a WebSocket phase, and SSE streams "
-        "in an SSE phase (--rounds rounds of both, --duration s each; --token-delay-ms 0: 100)")
+        "in an SSE phase (--rounds rounds of both, --duration s each; --token-delay-ms 0: 200)")
     add("--base-ejection-s", type=float, default=2.0,
         help="failover: outlier_detection.base_ejection (the gateway's default, 30, would "
         "keep the restarted mock out for the rest of the run)")

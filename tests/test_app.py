@@ -208,12 +208,26 @@ async def test_full_gc_forever_collects_cycles_that_automatic_collection_no_long
         del alive  # ... where it becomes cyclic garbage that only a full collection finds
         gc.collect(1)
         assert sum(isinstance(o, Node) for o in gc.get_objects(generation=2)) == 100
-        task = asyncio.get_running_loop().create_task(full_gc_forever(0.01))
+        task = asyncio.get_running_loop().create_task(full_gc_forever(0.01, unfreeze_every=3))
         await asyncio.sleep(0.1)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert not any(isinstance(o, Node) for o in gc.get_objects())
+        # what survives a pass is frozen: the next passes do not scan it again ...
+        alive = [Node() for _ in range(100)]
+        frozen_before = gc.get_freeze_count()
+        task = asyncio.get_running_loop().create_task(full_gc_forever(0.01, unfreeze_every=1000))
+        await asyncio.sleep(0.05)
+        assert gc.get_freeze_count() >= frozen_before + 100
+        del alive  # ... so its cycles wait for a pass that unfreezes first
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert sum(isinstance(o, Node) for o in gc.get_objects()) == 0  # frozen: not tracked here
+        gc.unfreeze()
+        assert gc.collect() >= 100
     finally:
+        gc.unfreeze()
         gc.set_threshold(*before)
 
 

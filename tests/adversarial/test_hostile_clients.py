@@ -216,6 +216,23 @@ async def test_a_slowloris_connection_is_closed_after_header_timeout(
     assert (await mock_upstream.stats())["requests"] == 0
 
 
+async def test_a_slow_body_gets_408_and_the_connection_is_closed(
+        start_gateway: StartGateway, connect: Connect, mock_upstream: MockUpstream) -> None:
+    gateway = await start_gateway(server={"body_timeout": "1s"})
+    slow = await connect(gateway)
+    whole = request("POST", "/v1/chat/completions", CHAT)
+    slow.writer.write(whole[:-5])  # the headers and all of the body but its last bytes
+    await slow.writer.drain()
+    started = time.monotonic()
+    reply = await read_reply(slow.reader)
+    assert 0.8 < time.monotonic() - started < 2.0
+    assert reply.status == 408
+    assert reply.json()["error"]["code"] == "request_timeout"
+    assert reply.headers.get("connection") == "close"
+    assert await closed_after(slow.reader) < 1.0
+    assert (await mock_upstream.stats())["requests"] == 0
+
+
 async def test_a_hundred_slowloris_sockets_do_not_stop_a_normal_request(
         start_gateway: StartGateway, connect: Connect) -> None:
     gateway = await start_gateway(server={"header_timeout": "5s"})
