@@ -9,7 +9,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["proxy", "proxy.*"]),
-    package_data={"proxy": ["py.typed", "lua/*.lua"]},
+    package_data={"proxy": ["py.typed", "lua/*.lua",
+                            # /ui/: the playground and status page, and vendored uPlot
+                            "ui/*.html", "ui/*.js", "ui/*.css", "ui/*.svg", "ui/vendor/*",
+                            "migrations/*/*.sql"]},  # the usage ledger's numbered migrations
     python_requires=">=3.11",
     install_requires=[
         "aiohttp>=3.14.4",  # request-smuggling fixes
@@ -21,6 +24,8 @@ setup(
         "prometheus-client>=0.21",
         "redis>=5.2",
         "hiredis>=3.0",  # C reply parser for redis-py (the limits hot path)
+        "aiosqlite>=0.20",  # the usage ledger on SQLite (the default)
+        "asyncpg>=0.29",  # the usage ledger on PostgreSQL
     ],
     extras_require={
         "client": ["httpx>=0.27"],  # proxy.client.ResumableTransport only
@@ -35,6 +40,7 @@ setup(
             "ruff>=0.8",
             "mypy>=1.13",
             "types-PyYAML>=6.0",
+            "playwright>=1.45",  # drives Debian's chromium in tests/integration/test_ui.py
         ],
     },
     entry_points={"console_scripts": ["shepherd = proxy.cli:main"]},

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from proxy import cors, ws_api, ws_realtime, ws_responses
+from proxy import admin_api, cors, ui_api, ws_api, ws_realtime, ws_responses
 from proxy.admission import Admission, SlotLimits
 from proxy.auth import KeyStore
 from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
@@ -71,7 +71,9 @@ def create_app(settings: Settings) -> web.Application:
                       build_limiter(settings, metrics), DemandBuilder(settings), admission,
                       dispatcher, streams, metrics=metrics, remote_streams=remote_streams)
     app[GATEWAY] = gateway
+    gateway.ledger = admin_api.build_ledger(settings, metrics)
     metrics.watch(gateway_samples(gateway))
+    app.cleanup_ctx.append(admin_api.ledger_lifetime)  # first in, last out: after the producers end
     app.cleanup_ctx.append(_limiter)
     app.cleanup_ctx.append(_remote_streams)
     app.cleanup_ctx.append(_upstream_pools)
@@ -83,6 +85,8 @@ def create_app(settings: Settings) -> web.Application:
     ws_api.add_routes(app)  # WebSocket endpoints; aiohttp matches them before the /v1 catch-all
     ws_responses.add_routes(app, passthrough)
     ws_realtime.add_routes(app)
+    ui_api.add_routes(app)
+    admin_api.add_routes(app)
     add_routes(app)
     return app
 

@@ -1,4 +1,4 @@
-"""The ``shepherd`` command: ``serve``, ``check-config``, ``hash-key``."""
+"""The ``shepherd`` command: ``serve``, ``check-config``, ``hash-key``, ``usage``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from proxy import __version__
+from proxy import __version__, admin_client
 from proxy.auth import hash_key
 from proxy.config import MEMORY_WORKERS_MESSAGE, ConfigError, Settings, load_settings_file
 
@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     hashing = commands.add_parser("hash-key", help="print the SHA-256 hex of KEY for key_sha256")
     hashing.add_argument("key")
+    admin_client.add_usage_parser(commands)
     return parser
 
 
@@ -33,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "hash-key":
         print(hash_key(args.key))
         return 0
+    if args.command == "usage":
+        return admin_client.run_usage(args)
     path = args.path if args.command == "check-config" else args.config
     try:
         settings = load_settings_file(path)

@@ -52,6 +52,7 @@ class RequestContext:
     usage: dict[str, object] | None = None
     client_closed: bool = False
     started_at: float = field(default_factory=time.perf_counter)
+    transport: str = "http"  # or "websocket" (the usage ledger's transport column)
 
 
 def new_request_id() -> str:
@@ -262,6 +263,15 @@ class Metrics:
             "shepherd_connections_refused", "Client connections refused or closed early by the "
             "listener, by reason: max_connections, file_descriptors, header_timeout, "
             "malformed_request", ["reason"], registry=self.registry)
+        self.ledger_rows_written = Counter(
+            "shepherd_ledger_rows_written", "Usage ledger rows written to the database",
+            registry=self.registry)
+        self.ledger_rows_dropped = Counter(
+            "shepherd_ledger_rows_dropped", "Usage ledger rows lost: the buffer (ledger.buffer_rows) "
+            "was full, or rows were still unwritten when shutdown ended", registry=self.registry)
+        self.ledger_write_errors = Counter(
+            "shepherd_ledger_write_errors", "Usage ledger batches that failed to write (kept and "
+            "retried)", registry=self.registry)
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
         self.request_seconds = Histogram(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from proxy.auth import KeyStore, Principal
 from proxy.balancer import Balancer
 from proxy.config import Settings
 from proxy.errors import GatewayError, RateLimitError, UpstreamStatusError
+from proxy.ledger import NullLedger, UsageSink
 from proxy.limits import (
     DemandBuilder,
     Lease,
@@ -65,6 +67,7 @@ from proxy.streams import (
     nothing_left,
 )
 from proxy.upstream import Headers, Upstream, response_headers
+from proxy.usage import Trace, count_resume, record_failure, record_stream, record_unary
 
 
 class StreamCursor(Protocol):
@@ -140,6 +143,9 @@ class Gateway:
         remote_streams: the Redis stream store (``state.backend: redis``), else ``None``.
         sockets: the WebSockets open in this process (per-key cap, drain).
         draining: set on shutdown; ``/readyz`` answers 503 from then on.
+        ledger: where each request's ``UsageRow`` goes (``NullLedger``: none is built).
+        ledger_streams: the ``Trace`` of each stream this process produces, by stream id,
+            while it runs (resumes are counted on it).
     """
 
     settings: Settings
@@ -155,6 +161,8 @@ class Gateway:
     remote_streams: RemoteStreamSource | None = None
     sockets: SocketRegistry = field(default_factory=SocketRegistry)
     draining: bool = False
+    ledger: UsageSink = field(default_factory=NullLedger)
+    ledger_streams: dict[str, Trace] = field(default_factory=dict)
 
     def busy(self) -> bool:
         """Whether any request holds an upstream slot or any stream is still generating."""
@@ -231,18 +239,25 @@ async def run(gateway: Gateway, call: Call) -> Answer:
     reservation; a stream's reader detaches and its producer goes on for
     ``streams.detach_timeout``.
     """
-    request = parse_inference(call.endpoint, call.body)
-    gateway.balancer.require(request.model, call.principal.models)
+    trace = Trace.begin(call.principal.name, call.endpoint.name) if gateway.ledger.enabled else None
+    try:
+        request = parse_inference(call.endpoint, call.body)
+        if trace is not None:
+            trace.model = request.model
+        gateway.balancer.require(request.model, call.principal.models)
+    except GatewayError as exc:
+        record_failure(gateway, trace, exc)
+        raise
     _note_model(request.model)
     if call.idempotency_key is not None:
-        replay = await _replay_idempotent(gateway, call)
+        replay = await _replay_idempotent(gateway, call)  # a replay adds no ledger row
         if replay is not None:
             return replay
     # From a first use of an Idempotency-Key to its registration below nothing awaits, so a
     # concurrent duplicate always finds it (and waits for what it started).
     if request.stream:
-        return await start_stream(gateway, call, request)
-    return await answer_unary(gateway, call, request)
+        return await start_stream(gateway, call, request, trace)
+    return await answer_unary(gateway, call, request, trace)
 
 
 def _note_model(model: str) -> None:
@@ -287,48 +302,65 @@ async def settle(gateway: Gateway, charge: Charge, model: str, counts: tuple[int
 # --- unary ----------------------------------------------------------------------------------
 
 
-async def answer_unary(gateway: Gateway, call: Call, request: InferenceRequest) -> UnaryAnswer:
+async def answer_unary(gateway: Gateway, call: Call, request: InferenceRequest,
+                       trace: Trace | None = None) -> UnaryAnswer:
     """Acquire limits, dispatch a whole answer (with failover) and settle with the upstream's
     usage. With an ``Idempotency-Key`` the work runs in a task the registry owns (registered
     before anything awaits), so a repeat of the key, even while this one runs, gets the same
-    answer from one upstream call."""
-    work = _acquire_and_answer(gateway, call, request)
+    answer from one upstream call. The work records the ledger row (``trace``) as it ends."""
+    work = _acquire_and_answer(gateway, call, request, trace)
     if call.idempotency_key is None:
         return await work
     task = gateway.streams.remember_answer(call.principal.name, call.idempotency_key, call.body, work)
     return await asyncio.shield(task)
 
 
-async def _acquire_and_answer(gateway: Gateway, call: Call, request: InferenceRequest) -> UnaryAnswer:
-    charge = await acquire(gateway, call.principal, request)
+async def _acquire_and_answer(gateway: Gateway, call: Call, request: InferenceRequest,
+                              trace: Trace | None = None) -> UnaryAnswer:
+    try:
+        charge = await acquire(gateway, call.principal, request)
+    except BaseException as exc:
+        record_failure(gateway, trace, exc)
+        raise
     route = Route(request.model, call.principal.models, call.principal.priority)
     try:
-        return await _unary(gateway, call, request, route, charge)
+        return await _unary(gateway, call, request, route, charge, trace)
     except GatewayError as exc:
         exc.extra_headers.update(charge.headers)
         raise
 
 
 async def _unary(gateway: Gateway, call: Call, request: InferenceRequest, route: Route,
-                 charge: Charge) -> UnaryAnswer:
+                 charge: Charge, trace: Trace | None = None) -> UnaryAnswer:
     """Relay a whole answer; settle with the upstream's usage (nothing after an upstream
-    error, the whole reservation if cancelled mid-request)."""
+    error, the whole reservation if cancelled mid-request) and record its ledger row."""
     ctx = request_context.get()
 
     async def attempt(upstream: Upstream, deadline: float) -> UnaryResult:
         if ctx is not None:
             ctx.upstream = upstream.name
         body, _ = request.upstream_body(upstream.config.inject_stream_usage)
-        return await send_unary(upstream, deadline, "POST", request.endpoint.path, body, call.headers)
+        if trace is None:
+            return await send_unary(upstream, deadline, "POST", request.endpoint.path, body, call.headers)
+        trace.upstream, trace.sent_at = upstream.name, time.perf_counter()
+        answer = await send_unary(upstream, deadline, "POST", request.endpoint.path, body, call.headers)
+        trace.answered_at = time.perf_counter()
+        return answer
 
     counts: tuple[int, int] | None = None
+    status = 0
+    failure: BaseException | None = None
     try:
         result = await gateway.dispatcher.run(route, attempt)
-        counts = usage_counts(result.usage)
-    except GatewayError:
-        counts = (0, 0)
+        counts, status = usage_counts(result.usage), result.status
+    except GatewayError as exc:
+        counts, failure = (0, 0), exc
+        raise
+    except BaseException as exc:  # cancelled: the client left
+        failure = exc
         raise
     finally:
+        record_unary(gateway, trace, status, failure, counts)
         await settle(gateway, charge, request.model, counts)
     if ctx is not None:
         ctx.usage = result.usage
@@ -339,7 +371,8 @@ async def _unary(gateway: Gateway, call: Call, request: InferenceRequest, route:
 # --- streams --------------------------------------------------------------------------------
 
 
-async def start_stream(gateway: Gateway, call: Call, request: InferenceRequest) -> StreamAnswer:
+async def start_stream(gateway: Gateway, call: Call, request: InferenceRequest,
+                       trace: Trace | None = None) -> StreamAnswer:
     """Create the stream log (registered under its ``Idempotency-Key`` at once), acquire
     limits, start its producer (owned by the registry, mirrored to Redis when shared),
     attach the caller as its first reader and wait for the first event.
@@ -349,11 +382,20 @@ async def start_stream(gateway: Gateway, call: Call, request: InferenceRequest) 
         RateLimitError: a limit is reached (429; the log ends with it, so a duplicate
             request with the same ``Idempotency-Key`` gets the same answer).
         GatewayError: the upstream failed before the first event (its real HTTP status).
+
+    The ledger row (``trace``) is recorded here for a refusal before the producer starts,
+    and by the producer (``produce_and_settle``) from then on.
     """
     streams = gateway.streams
-    log = streams.create(call.principal.name)
+    try:
+        log = streams.create(call.principal.name)
+    except GatewayError as exc:
+        record_failure(gateway, trace, exc)
+        raise
     log.endpoint = request.endpoint.name
     _note_stream(log.stream_id)
+    if trace is not None:
+        trace.stream_id = log.stream_id
     if call.idempotency_key is not None:
         streams.remember_stream(call.principal.name, call.idempotency_key, call.body, log)
     reader = streams.attach(log, 0)
@@ -363,12 +405,15 @@ async def start_stream(gateway: Gateway, call: Call, request: InferenceRequest) 
         streams.abandon(log, exc if isinstance(exc, GatewayError) else StreamCancelledError(),
                         keep=call.idempotency_key is not None)
         reader.close()
+        record_failure(gateway, trace, exc)
         raise
     log.headers = {**charge.headers, "X-Stream-Id": log.stream_id}
     route = Route(request.model, call.principal.models, call.principal.priority)
     job = StreamJob(request, route, call.headers, log,
                     on_response_id=lambda response_id: streams.name_response(log, response_id))
-    streams.start(log, produce_and_settle(gateway, job, charge))
+    if trace is not None:
+        gateway.ledger_streams[log.stream_id] = trace
+    streams.start(log, produce_and_settle(gateway, job, charge, trace))
     gateway.metrics.streams_started.inc()
     if gateway.remote_streams is not None:
         gateway.remote_streams.mirror(log, on_cancel=lambda: streams.cancel(log))
@@ -378,6 +423,9 @@ async def start_stream(gateway: Gateway, call: Call, request: InferenceRequest) 
         exc.extra_headers.update(charge.headers)
         raise
     answer.metering = job.metering
+    ctx = request_context.get()
+    if ctx is not None and job.upstream is not None:
+        ctx.upstream = job.upstream.name  # the deployment whose answer is streaming
     return answer
 
 
@@ -404,17 +452,21 @@ async def _first_event(reader: StreamReader, cancel_if_left: bool = False) -> St
     return StreamAnswer(reader, log.headers)
 
 
-async def produce_and_settle(gateway: Gateway, job: StreamJob, charge: Charge) -> None:
+async def produce_and_settle(gateway: Gateway, job: StreamJob, charge: Charge,
+                             trace: Trace | None = None) -> None:
     """The producer task: run the stream's attempts (each holds and frees its upstream
-    slot), then settle its charge: the upstream's usage, else the prompt estimate plus one
-    token per event generated, else nothing if the stream failed before its first event.
-    Tokens generated before a cancel (detach timeout, ``/cancel``) are charged too."""
+    slot), then record its ledger row (``trace``) and settle its charge: the upstream's
+    usage, else the prompt estimate plus one token per event generated, else nothing if the
+    stream failed before its first event. Tokens generated before a cancel (detach
+    timeout, ``/cancel``) are charged too. The row belongs to the producer's end, so a
+    stream whose client left still gets one, with the usage as finally metered."""
     try:
         await produce_stream(job, gateway.dispatcher)
     finally:
         counts = usage_counts(job.metering.usage)
         if counts is None:
             counts = (charge.prompt_estimate, job.metering.events) if job.log.last_seq else (0, 0)
+        record_stream(gateway, trace, job, counts)
         await settle(gateway, charge, job.request.model, counts)
 
 
@@ -452,6 +504,7 @@ async def _attach_local(gateway: Gateway, log: StreamLog, after_seq: int) -> Str
     if nothing_left(after_seq, log.first_seq, log.last_seq, log.closed):
         return None
     gateway.metrics.stream_resumes.labels("local").inc()
+    count_resume(gateway, log.stream_id)
     return await _first_event(gateway.streams.attach(log, after_seq))
 
 
@@ -579,6 +632,7 @@ async def _replay_idempotent(gateway: Gateway, call: Call) -> Answer | None:
     if entry.log is not None:
         if entry.log.error is not None:
             raise entry.log.error
+        count_resume(gateway, entry.log.stream_id)
         return await _first_event(gateway.streams.attach(entry.log, 0))
     assert entry.answer is not None
     return await asyncio.shield(entry.answer)

@@ -19,6 +19,7 @@ import functools
 import itertools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -203,10 +204,14 @@ class UnaryResult:
 
 @dataclass(slots=True)
 class Metering:
-    """What a stream reported: the last non-null ``usage`` object seen, or ``None``."""
+    """What a stream reported: the last non-null ``usage`` object seen, or ``None``;
+    ``events`` appended; ``sent_at``: ``time.perf_counter()`` when the latest attempt was
+    sent; ``first_event_at``: when the first event was appended (``None``: none yet)."""
 
     usage: JSONDict | None = None
     events: int = 0
+    sent_at: float | None = None
+    first_event_at: float | None = None
 
 
 async def send_unary(upstream: Upstream, deadline: float, method: str, path: str,
@@ -538,6 +543,7 @@ async def _stream_attempt(job: StreamJob, upstream: Upstream, deadline: float) -
     first event appended; after it, ``read_gap`` (the session's ``sock_read``) bounds each
     silence. The connection is closed, not pooled, when the stream did not end cleanly."""
     job.upstream = upstream
+    job.metering.sent_at = time.perf_counter()
     body, job.injected_usage = job.request.upstream_body(upstream.config.inject_stream_usage)
     response: aiohttp.ClientResponse | None = None
     clean = False
@@ -628,6 +634,8 @@ def _handle_event(job: StreamJob, data: bytes, event: bytes | None) -> bool:
             return True
         if _meter(job, obj):
             return False
+    if not job.metering.events:
+        job.metering.first_event_at = time.perf_counter()
     job.metering.events += 1
     log.append(encode_event(data, event=event))
     return False
@@ -636,7 +644,13 @@ def _handle_event(job: StreamJob, data: bytes, event: bytes | None) -> bool:
 #: Byte patterns of the events the relay must look inside: errors (nested or vLLM's flat
 #: ``"object":"error"``), usage objects, and the responses API's final event. JSON string
 #: content escapes its quotes (``\"error\"``), so generated text cannot match ``"error"``.
-_INTERESTING = (b'"error"', b'"usage":{', b'"usage": {', b'"response.completed"', b'"response.created"')
+_INTERESTING = (b'"error"', b'"usage":{', b'"usage": {', b'"response.completed"', b'"response.created"',
+                b'"response.incomplete"', b'"response.failed"')
+
+#: Responses stream events whose ``response`` carries the final ``usage`` (OpenAI API
+#: reference, "Streaming events": completed, incomplete — e.g. cut by
+#: ``max_output_tokens`` — and failed).
+_RESPONSE_ENDINGS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def _may_matter(data: bytes) -> bool:
@@ -661,7 +675,7 @@ def _meter(job: StreamJob, obj: JSONDict) -> bool:
         if isinstance(response_id, str) and response_id:
             job.on_response_id(response_id)
     usage = obj.get("usage")
-    if usage is None and obj.get("type") == "response.completed":
+    if usage is None and obj.get("type") in _RESPONSE_ENDINGS:
         response = obj.get("response")
         usage = response.get("usage") if isinstance(response, dict) else None
     if not isinstance(usage, dict):

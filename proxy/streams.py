@@ -216,11 +216,13 @@ class StreamLog:
         producer: the task that fills this log, owned by the ``StreamRegistry``; ``None``
             until the registry starts it (it stays set once done).
         finished_at: ``time.monotonic()`` when the log closed, else ``None``.
+        failure: the error the stream ended with (before or after its first frame), else
+            ``None`` (the usage ledger's status and error code).
     """
 
     __slots__ = ("stream_id", "owner", "frames", "first_seq", "bytes_total", "acked_seq",
                  "bytes_acked", "bytes_dropped", "state", "error", "headers", "endpoint",
-                 "response_id", "producer", "finished_at", "buffer_bytes", "retain_bytes",
+                 "response_id", "producer", "finished_at", "buffer_bytes", "retain_bytes", "failure",
                  "_cursors", "_followers", "_tally", "_changed", "_drained")
 
     def __init__(self, stream_id: str, owner: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
@@ -235,6 +237,7 @@ class StreamLog:
         self.bytes_dropped = 0
         self.state = StreamState.RUNNING
         self.error: GatewayError | None = None
+        self.failure: GatewayError | None = None
         self.headers: dict[str, str] = {}
         self.endpoint = ""
         self.response_id: str | None = None
@@ -309,6 +312,7 @@ class StreamLog:
         """
         if self.closed:
             return
+        self.failure = error
         if self.last_seq and error_frame is not None:
             self.append(error_frame)
         elif not self.last_seq:

@@ -251,7 +251,8 @@ class ClientSocket:
         task. Raises ``RuntimeError`` before ``authenticate``."""
         if self.held is None or self.principal is None:
             raise RuntimeError("request_scope before authenticate")
-        scope = RequestScope(RequestContext(new_request_id(), key_name=self.principal.name))
+        scope = RequestScope(RequestContext(new_request_id(), key_name=self.principal.name,
+                                            transport="websocket"))
         token = request_context.set(scope.context)
         self.held.in_flight += 1
         try:

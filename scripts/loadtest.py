@@ -357,12 +357,16 @@ class Fleet:
 
     def spawn(self, name: str, argv: Sequence[str], cpus: frozenset[int] | None,
               stdout: Path | None = None) -> subprocess.Popen[bytes]:
-        """Start ``argv`` with stderr (and stdout unless given) going to ``<name>.log``."""
+        """Start ``argv`` with stderr (and stdout unless given) going to ``<name>.log``. A
+        gateway (``python -m proxy``) runs in the log directory, so that its usage ledger
+        (``sqlite:///shepherd-usage.db`` by default: on, as in production) lands there."""
+        gateway = list(argv[1:3]) == ["-m", "proxy"]
         # preexec_fn is safe here: this script runs no threads.
         with (self.log_dir / f"{name}.log").open("ab") as log, \
                 (stdout.open("wb") if stdout else log) as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=log, stdin=subprocess.DEVNULL,
-                                    cwd=ROOT, preexec_fn=child_setup(cpus, self.nofile))
+                                    cwd=self.log_dir if gateway else ROOT,
+                                    preexec_fn=child_setup(cpus, self.nofile))
         self.procs.append(proc)
         if self.nofile is not None:
             self.note_nofile(name, nofile_of(proc.pid))

@@ -73,6 +73,9 @@ def base_config(upstream_url: str) -> dict[str, Any]:
             "tester": {"key": CLIENT_KEY, "models": ["*"]},
             "limited": {"key": OTHER_KEY, "models": ["mock-gpt"]},
         },
+        # The usage ledger (on by default) writes a SQLite file; tests/test_ledger.py and
+        # tests/integration/test_ledger.py turn it on with a file in tmp_path.
+        "ledger": {"enabled": False},
     }
 
 

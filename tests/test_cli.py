@@ -80,11 +80,13 @@ def test_hash_key_prints_sha256() -> None:
 def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
     import socket
 
+    config = tmp_path / "gateway.yaml"
+    config.write_text((REPO / "config" / "gateway.yaml").read_text() + "\nledger: {enabled: false}\n")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = shepherd("serve", "--config", "config/gateway.yaml", "--port", str(port))
+        result = shepherd("serve", "--config", str(config), "--port", str(port))
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
     assert errors == [f"shepherd: cannot listen on 127.0.0.1:{port}: error while attempting to bind "

@@ -32,6 +32,8 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.integration import pg
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 15.0
 #: A script that keeps Redis busy (it serves nothing else meanwhile) for ARGV[1] ms: a slow
@@ -117,6 +119,16 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[pg.PostgresServer]:
+    """A throwaway PostgreSQL cluster on a free port (``tests/integration/pg.py``)."""
+    server = pg.start_postgres(free_port())
+    try:
+        yield server
+    finally:
+        pg.remove(server)
 
 
 @dataclass

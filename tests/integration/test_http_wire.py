@@ -909,3 +909,26 @@ async def test_keys_never_in_logs_or_error_bodies(
                                record.exc_text or ""])
             assert secret not in dumped, f"{secret} in log record {vars(record)}"
         assert secret not in caplog.text
+
+
+async def test_stream_access_lines_carry_the_upstream_and_a_cut_responses_stream_its_usage(
+        gateway: RunningGateway, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger("proxy"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    async with aiohttp.ClientSession(base_url=gateway.url, headers=AUTH) as session:
+        async with session.post("/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+            assert resp.status == 200
+            await resp.read()
+        # max_output_tokens cuts the answer: the stream ends with response.incomplete, whose
+        # usage is what is metered (not an estimate)
+        async with session.post("/v1/responses", json={"model": "mock-gpt", "input": "one two three",
+                                                       "stream": True, "max_output_tokens": 3}) as resp:
+            assert resp.status == 200
+            assert b"response.incomplete" in await resp.read()
+    lines = [r.fields for r in caplog.records if r.name == "proxy.access"]  # type: ignore[attr-defined]
+    chat, responses = lines[-2], lines[-1]
+    assert chat["upstream"] == "mock"
+    assert chat["stream_id"].startswith("gs_")
+    assert responses["upstream"] == "mock"
+    assert (responses["prompt_tokens"], responses["completion_tokens"]) == (3, 3)
