@@ -19,7 +19,7 @@ from typing import Protocol
 from proxy.config import Settings
 from proxy.errors import GatewayError
 from proxy.ledger import UsageRow, UsageSink
-from proxy.observability import new_request_id, request_context
+from proxy.observability import CLIENT_CLOSED, new_request_id, request_context
 from proxy.relay import StreamJob
 from proxy.streams import StreamState
 
@@ -44,10 +44,6 @@ class UsageHost(Protocol):
 
     @property
     def ledger_streams(self) -> dict[str, Trace]: ...
-
-
-#: ``UsageRow.status`` of a request whose client left before its unary answer (nginx's 499).
-CLIENT_CLOSED = 499
 
 
 @dataclass(slots=True)
