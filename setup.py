@@ -29,6 +29,8 @@ setup(
     ],
     extras_require={
         "client": ["httpx>=0.27"],  # proxy.client.ResumableTransport only
+        # observability.otlp_endpoint: one span per request over OTLP/HTTP (proxy.tracing)
+        "otel": ["opentelemetry-sdk>=1.27", "opentelemetry-exporter-otlp-proto-http>=1.27"],
         "dev": [
             "pytest>=8.3",
             "pytest-aiohttp>=1.1",
@@ -41,6 +43,9 @@ setup(
             "mypy>=1.13",
             "types-PyYAML>=6.0",
             "playwright>=1.45",  # drives Debian's chromium in tests/integration/test_ui.py
+            "opentelemetry-sdk>=1.27",  # the otel extra, so tests/integration/test_metrics.py runs
+            "opentelemetry-exporter-otlp-proto-http>=1.27",
+            "opentelemetry-proto>=1.27",  # decodes OTLP in the test's receiver
         ],
     },
     entry_points={"console_scripts": ["shepherd = proxy.cli:main"]},

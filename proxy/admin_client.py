@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import urllib.error
 import urllib.parse
@@ -63,10 +64,42 @@ class AdminClient:
             raise AdminError(f"cannot reach {self.url}: {reason}", exit_code=2) from None
 
 
+    def send(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        """``method`` on ``<url><path>`` with a JSON ``body``; the JSON answer.
+
+        Raises:
+            AdminError: as ``get``, or an answer that is not JSON (exit code 2).
+        """
+        if not self._admin_key:
+            raise AdminError("an admin key is needed: --admin-key or SHEPHERD_ADMIN_KEY", exit_code=2)
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Bearer {self._admin_key}", "Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+                raw = bytes(response.read())
+        except urllib.error.HTTPError as exc:
+            raise AdminError(f"{exc.code}: {_error_message(exc.read())}") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AdminError(f"cannot reach {self.url}: {reason}", exit_code=2) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise AdminError("the gateway's answer is not JSON", exit_code=2) from None
+
+
 def _error_message(body: bytes) -> str:
+    """The error's message and code, then one line per entry of ``errors`` (``{"path",
+    "message"}``: ``POST /admin/reload``'s config errors) when the answer has them."""
     try:
-        error = json.loads(body)["error"]
-        return f"{error['message']} ({error.get('code')})"
+        answer = json.loads(body)
+        error = answer["error"]
+        lines = [f"{error['message']} ({error.get('code')})"]
+        lines += [f"  {e['path']}: {e['message']}" for e in answer.get("errors") or ()]
+        return "\n".join(lines)
     except (ValueError, KeyError, TypeError):
         return body.decode(errors="replace")[:200]
 
@@ -167,3 +200,179 @@ def format_table(headings: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _numeric(text: str) -> bool:
     return text == "-" or text.replace(".", "", 1).lstrip("-").isdigit()
+
+
+# --- shepherd keys ----------------------------------------------------------------------------
+
+
+def add_keys_parser(commands: Any) -> None:
+    """Add ``shepherd keys create|list|update|revoke`` to the CLI's subparsers."""
+    parser = commands.add_parser("keys", help="virtual keys of a running gateway (/admin/keys)")
+    actions = parser.add_subparsers(dest="keys_command", required=True)
+    listing = actions.add_parser("list", help="every key: source, limits, what is left now")
+    add_connection_arguments(listing)
+    listing.add_argument("--revoked", action="store_true", help="also list revoked runtime keys")
+    listing.add_argument("--json", action="store_true", help="print the JSON answer")
+    create = actions.add_parser("create", help="create a runtime key; prints its secret once")
+    create.add_argument("name")
+    _add_limit_arguments(create)
+    update = actions.add_parser("update", help="change a runtime key's models, limits or budget")
+    update.add_argument("name")
+    _add_limit_arguments(update)
+    revoke = actions.add_parser("revoke", help="revoke a runtime key (its next request gets 401)")
+    revoke.add_argument("name")
+    add_connection_arguments(revoke)
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    add_connection_arguments(parser)
+    parser.add_argument("--models", help="comma-separated model patterns (default: *)")
+    for name, text in (("rpm", "requests per minute"), ("burst", "requests at once"),
+                       ("tpm", "tokens per minute"), ("max-concurrent", "requests in flight"),
+                       ("priority", "admission priority (higher first)"),
+                       ("max-websockets", "WebSockets open at once, per process"),
+                       ("budget-tokens", "tokens per budget period")):
+        parser.add_argument(f"--{name}", type=int, help=text)
+    parser.add_argument("--budget-usd", type=float, help="USD per budget period")
+    parser.add_argument("--budget-period", help="budget period (1d, 12h, seconds; default 1d)")
+    parser.add_argument("--json", action="store_true", help="print the JSON answer")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help='any other field as JSON, e.g. --set \'per_model={"gpt-4o": {"rpm": 60}}\'')
+
+
+def limit_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The body fields the limit options set (options not given are left out).
+
+    Raises:
+        AdminError: a ``--set`` that is not ``FIELD=JSON``.
+    """
+    body: dict[str, Any] = {}
+    if args.models:
+        body["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    for field in ("rpm", "burst", "tpm", "max_concurrent", "priority", "max_websockets"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    budget = {k: v for k, v in (("tokens", args.budget_tokens), ("usd", args.budget_usd),
+                                ("period", args.budget_period)) if v is not None}
+    if budget:
+        body["budget"] = budget
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip():
+            raise AdminError(f"--set {item}: expected FIELD=JSON", exit_code=2)
+        try:
+            body[field.strip()] = json.loads(value)
+        except ValueError:
+            raise AdminError(f"--set {field}: the value is not JSON", exit_code=2) from None
+    return body
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    """``shepherd keys …``: call the API and print the answer; returns the exit code."""
+    client = AdminClient(args.url, args.admin_key)
+    name = urllib.parse.quote(getattr(args, "name", ""), safe="")
+    try:
+        if args.keys_command == "list":
+            body = client.send("GET", "/admin/keys" + ("?include_revoked=true" if args.revoked else ""))
+        elif args.keys_command == "create":
+            body = client.send("POST", "/admin/keys", {"name": args.name, **limit_fields(args)})
+        elif args.keys_command == "update":
+            body = client.send("PATCH", f"/admin/keys/{name}", limit_fields(args))
+        else:
+            body = client.send("DELETE", f"/admin/keys/{name}")
+    except AdminError as exc:
+        print(f"shepherd keys {args.keys_command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if getattr(args, "json", False):
+        print(json.dumps(body, indent=2))
+    elif args.keys_command == "list":
+        print(format_keys(body.get("data") or []))
+    else:
+        print(format_key(body))
+    return 0
+
+
+#: Columns of ``shepherd keys list`` (``/admin/keys`` field, heading).
+KEY_TABLE = (("name", "NAME"), ("source", "SOURCE"), ("models", "MODELS"), ("rpm", "RPM"),
+             ("requests_left", "REQ LEFT"), ("tpm", "TPM"), ("tokens_left", "TOK LEFT"),
+             ("max_concurrent", "MAX CONC"), ("concurrent_left", "CONC LEFT"),
+             ("budget_tokens_left", "BUDGET TOK LEFT"), ("budget_usd_left", "BUDGET $ LEFT"),
+             ("revoked_at", "REVOKED"))
+
+
+def format_keys(keys: Sequence[Mapping[str, Any]]) -> str:
+    """``/admin/keys``'s key objects as a table (``-``: no limit, or unknown)."""
+    if not keys:
+        return "(no keys)"
+    rows = [[_key_cell(k.get(field)) for field, _ in KEY_TABLE] for k in keys]
+    return format_table([heading for _, heading in KEY_TABLE], rows)
+
+
+def format_key(key: Mapping[str, Any]) -> str:
+    """One key object, one ``field: value`` per line; the secret (only in ``create``'s
+    answer) last, with a note that it is shown once."""
+    lines = [f"{field}: {_key_cell(value)}" for field, value in key.items()
+             if field not in ("key", "object") and value is not None]
+    if key.get("key"):
+        lines += ["", f"key: {key['key']}", "(the key is shown only now: store it safely)"]
+    return "\n".join(lines)
+
+
+def _key_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+# --- shepherd reload ----------------------------------------------------------------------------
+
+
+def add_reload_parser(commands: Any) -> None:
+    """Add ``shepherd reload`` to the CLI's subparsers."""
+    parser = commands.add_parser(
+        "reload", help="re-read the config file of a running gateway (POST /admin/reload, or SIGHUP)")
+    add_connection_arguments(parser)
+    parser.add_argument("--pid", type=int,
+                        help="send SIGHUP to this process instead (no admin key; prints no report)")
+    parser.add_argument("--json", action="store_true", help="print the JSON answer")
+
+
+def run_reload(args: argparse.Namespace) -> int:
+    """``shepherd reload``: print what changed (or every config error); returns the exit code
+    (0 reloaded, 1 refused: invalid config or no admin key, 2 unreachable)."""
+    if args.pid is not None:
+        try:
+            os.kill(args.pid, signal.SIGHUP)
+        except OSError as exc:
+            print(f"shepherd reload: cannot signal {args.pid}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"sent SIGHUP to {args.pid}; the gateway logs what changed")
+        return 0
+    try:
+        report = AdminClient(args.url, args.admin_key).send("POST", "/admin/reload")
+    except AdminError as exc:
+        print(f"shepherd reload: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(report, indent=2) if args.json else format_reload(report))
+    return 0
+
+
+def format_reload(report: Mapping[str, Any]) -> str:
+    """``POST /admin/reload``'s answer as a few lines: one per kind of change."""
+    lines = [f"reloaded in {report.get('duration_ms')} ms" if report.get("changed")
+             else f"nothing changed ({report.get('duration_ms')} ms)"]
+    for kind in ("keys", "upstreams", "models"):
+        changes = report.get(kind) or {}
+        parts = [f"{what} {', '.join(changes[what])}" for what in ("added", "removed", "changed")
+                 if changes.get(what)]
+        if parts:
+            lines.append(f"{kind}: {'; '.join(parts)}")
+    if report.get("other"):
+        lines.append(f"also changed: {', '.join(report['other'])}")
+    if report.get("restart_required"):
+        lines.append(f"need a restart (old values kept): {', '.join(report['restart_required'])}")
+    return "\n".join(lines)

@@ -81,8 +81,8 @@ class Admission:
         return sum(n for key, n in self._queued.items() if name in key)
 
     def in_flight(self, name: str) -> int:
-        """Slots of ``name`` in use."""
-        return self._in_flight[name]
+        """Slots of ``name`` in use (0 for a name unknown here, e.g. removed by a reload)."""
+        return self._in_flight.get(name, 0)
 
     def has_free_slot(self, name: str) -> bool:
         """Whether ``name`` can take a request now."""
@@ -159,6 +159,10 @@ class Admission:
     def release(self, name: str) -> None:
         """Give back a slot of ``name``; the first waiter that ``name`` can serve gets it."""
         self._in_flight[name] = max(0, self._in_flight[name] - 1)
+        self._serve_waiters(name)
+
+    def _serve_waiters(self, name: str) -> None:
+        """Hand the free slots of ``name`` to the first waiters it can serve."""
         skipped: list[_Waiter] = []
         while self._heap and self.has_free_slot(name):
             waiter = heapq.heappop(self._heap)
@@ -173,3 +177,15 @@ class Admission:
             waiter.future.set_result(name)
         for waiter in skipped:
             heapq.heappush(self._heap, waiter)
+
+    def reconfigure(self, limits: Mapping[str, SlotLimits]) -> None:
+        """Hot reload (``proxy.reload``): the bounds of ``limits`` from now on. Slots in use
+        stay counted; a deployment no longer in ``limits`` keeps its count until its requests
+        release their slots and hands no slot to a waiter (a waiter whose candidates were all
+        removed times out). Waiters keep their place; raised bounds serve them at once."""
+        retired = {name: SlotLimits(max_in_flight=0)
+                   for name, count in self._in_flight.items() if name not in limits and count > 0}
+        self._limits = {**retired, **limits}
+        self._in_flight = {name: self._in_flight.get(name, 0) for name in self._limits}
+        for name in limits:
+            self._serve_waiters(name)

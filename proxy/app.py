@@ -8,6 +8,7 @@ its handler is cancelled at once, which detaches it from its stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import multiprocessing
 import os
@@ -18,13 +19,14 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from proxy import admin_api, cors, ui_api, ws_api, ws_realtime, ws_responses
-from proxy.admission import Admission, SlotLimits
+from proxy import admin_api, admin_keys, cors, ui_api, ws_api, ws_realtime, ws_responses
+from proxy import reload as hot_reload
+from proxy.admission import Admission
 from proxy.auth import KeyStore
-from proxy.balancer import Balancer, DeploymentSpec, RetryBudget
-from proxy.config import Settings
+from proxy.balancer import Balancer, RetryBudget
+from proxy.config import ConfigError, Settings, load_settings_file
 from proxy.errors import OverloadedError
-from proxy.http_api import add_request_id, add_routes, gateway_middleware, passthrough
+from proxy.http_api import ADMIN_CHECK, add_request_id, add_routes, gateway_middleware, passthrough
 from proxy.limits import DemandBuilder, Limiter, MemoryLimitStore
 from proxy.limits_redis import RedisLimitStore
 from proxy.listener import ConnectionGuard, GatewayRunner, client_connection_cap, raise_nofile_limit
@@ -34,6 +36,8 @@ from proxy.relay import Dispatcher
 from proxy.streams import StreamRegistry
 from proxy.streams_redis import MAX_CONNECTIONS as STREAM_STORE_MAX_CONNECTIONS
 from proxy.streams_redis import RedisStreamStore
+from proxy.telemetry import install as install_telemetry
+from proxy.telemetry import multiprocess_dir, worker_gone
 from proxy.upstream import Upstream
 
 #: A supervisor that restarts more than MAX_RESTARTS workers within RESTART_WINDOW_S seconds
@@ -46,8 +50,10 @@ RESTART_WINDOW_S = 30.0
 HANDLER_GRACE_S = 5.0
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, config_path: str | None = None) -> web.Application:
     """Build the gateway application for ``settings``; nothing is opened until it starts.
+    ``config_path``: the file ``settings`` came from, re-read by a reload (SIGHUP,
+    ``POST /admin/reload``; ``None``: reloading is refused).
 
     With ``state.backend: redis`` nothing connects to Redis until the first limited request;
     an unreachable Redis is handled then (fallback or 503), never at start-up.
@@ -56,10 +62,7 @@ def create_app(settings: Settings) -> web.Application:
                           client_max_size=settings.server.max_body_bytes)
     upstreams = {name: Upstream(name, cfg) for name, cfg in settings.upstreams.items()}
     metrics = Metrics()
-    admission = Admission(
-        {name: SlotLimits(cfg.slots, cfg.max_queue, cfg.queue_timeout_s)
-         for name, cfg in settings.upstreams.items()},
-        on_overflow=metrics.count_queue_overflow)
+    admission = Admission(hot_reload.slot_limits(settings), on_overflow=metrics.count_queue_overflow)
     balancer = build_balancer(settings, admission, metrics)
     dispatcher = Dispatcher(upstreams, balancer, admission, settings.routing.retry,
                             RetryBudget(settings.routing.retry.budget_percent,
@@ -67,15 +70,22 @@ def create_app(settings: Settings) -> web.Application:
     streams = build_stream_registry(settings, metrics)
     remote_streams = build_remote_streams(settings, metrics)
     streams.remote = remote_streams
-    gateway = Gateway(settings, KeyStore(settings.keys), balancer, upstreams,
-                      build_limiter(settings, metrics), DemandBuilder(settings), admission,
+    keys = KeyStore(settings.keys)
+    gateway = Gateway(settings, keys, balancer, upstreams,
+                      build_limiter(settings, metrics), DemandBuilder(settings, keys), admission,
                       dispatcher, streams, metrics=metrics, remote_streams=remote_streams)
     app[GATEWAY] = gateway
     gateway.ledger = admin_api.build_ledger(settings, metrics)
     metrics.watch(gateway_samples(gateway))
+    install_telemetry(app, gateway)
+    app[ADMIN_CHECK] = admin_api.authorize  # observability.metrics_auth: admin
     app.cleanup_ctx.append(admin_api.ledger_lifetime)  # first in, last out: after the producers end
+    app.cleanup_ctx.append(admin_keys.runtime_keys_lifetime)
     app.cleanup_ctx.append(_limiter)
     app.cleanup_ctx.append(_remote_streams)
+    app[hot_reload.RELOADER] = hot_reload.Reloader(
+        gateway, config_path, hot_reload.ProbeSet(functools.partial(probe_forever, gateway)))
+    app.cleanup_ctx.append(hot_reload.reloader_lifetime)  # exits after the serving pools closed
     app.cleanup_ctx.append(_upstream_pools)
     app.cleanup_ctx.append(_health_probes)
     app.cleanup_ctx.append(_log_flusher)
@@ -87,6 +97,8 @@ def create_app(settings: Settings) -> web.Application:
     ws_realtime.add_routes(app)
     ui_api.add_routes(app)
     admin_api.add_routes(app)
+    hot_reload.add_routes(app)
+    admin_keys.add_routes(app)
     add_routes(app)
     return app
 
@@ -124,16 +136,8 @@ def build_remote_streams(settings: Settings, metrics: Metrics) -> RedisStreamSto
 def build_balancer(settings: Settings, admission: Admission, metrics: Metrics | None = None) -> Balancer:
     """The balancer over every upstream, counting in-flight requests from ``admission``;
     each entry of a model into panic routing is counted in ``metrics``."""
-    specs = {
-        name: DeploymentSpec(
-            name, cfg.models, cfg.priority, cfg.weight,
-            cfg.health_check.healthy_threshold, cfg.health_check.unhealthy_threshold,
-            cfg.outlier_detection.consecutive_failures, cfg.outlier_detection.base_ejection_s,
-            cfg.outlier_detection.max_ejection_s)
-        for name, cfg in settings.upstreams.items()
-    }
-    model_upstreams = {model: cfg.upstreams for model, cfg in settings.models.items() if cfg.upstreams}
-    return Balancer(specs, model_upstreams, settings.routing.max_ejection_percent,
+    return Balancer(hot_reload.deployment_specs(settings), hot_reload.model_upstreams(settings),
+                    settings.routing.max_ejection_percent,
                     in_flight=admission.in_flight,
                     panic_threshold_percent=settings.routing.panic_threshold_percent,
                     on_panic=metrics.count_panic if metrics is not None else lambda _model, _names: None)
@@ -161,15 +165,13 @@ def gateway_samples(gateway: Gateway) -> Callable[[], list[Sample]]:
 
 
 async def _health_probes(app: web.Application) -> AsyncIterator[None]:
-    """One probe loop per upstream with ``health_check.enabled``."""
-    gateway = app[GATEWAY]
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(probe_forever(gateway, upstream))
-             for upstream in gateway.upstreams.values() if upstream.config.health_check.enabled]
+    """One probe loop per upstream with ``health_check.enabled`` (a reload stops and starts
+    them as upstreams come and go)."""
+    probes = app[hot_reload.RELOADER].probes
+    for upstream in app[GATEWAY].upstreams.values():
+        probes.start(upstream)
     yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await probes.stop_all()
 
 
 async def probe_forever(gateway: Gateway, upstream: Upstream) -> None:
@@ -300,19 +302,20 @@ def reserved_fds(settings: Settings) -> int:
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None,
-          workers: int | None = None) -> int:
+          workers: int | None = None, config_path: str | None = None) -> int:
     """Run the gateway in the foreground until SIGINT/SIGTERM; returns the exit code.
+    SIGHUP re-reads ``config_path`` (``proxy.reload``); it never ends the process.
 
     ``workers`` (default ``server.workers``) > 1 starts that many processes sharing the port
     through SO_REUSEPORT (the kernel spreads connections across them); the parent forwards
-    SIGINT/SIGTERM and restarts a worker that dies unexpectedly.
+    SIGINT/SIGTERM/SIGHUP and restarts a worker that dies unexpectedly.
     """
     count = settings.server.workers if workers is None else workers
     bind = (host or settings.server.host, settings.server.port if port is None else port)
     if count <= 1:
-        serve_worker(settings, *bind, reuse_port=False)
+        serve_worker(settings, *bind, reuse_port=False, config_path=config_path)
         return 0
-    return supervise_workers(settings, bind, count)
+    return supervise_workers(settings, bind, count, config_path)
 
 
 #: Cyclic GC thresholds once serving (CPython's default is (700, 10, 10)). Request objects
@@ -394,11 +397,15 @@ def worker_cpu(index: int) -> int | None:
     return allowed[index % len(allowed)]
 
 
-def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool, index: int = 0) -> None:
+def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool, index: int = 0,
+                 config_path: str | None = None, supervised: bool = False) -> None:
     """One gateway process on uvloop, until SIGINT/SIGTERM. ``index``: the worker's number
-    (0 for a single process), which picks its CPU with ``server.cpu_affinity``."""
+    (0 for a single process), which picks its CPU with ``server.cpu_affinity``;
+    ``config_path``: what SIGHUP re-reads; ``supervised``: a worker of ``--workers N``
+    (``POST /admin/reload`` then asks the supervisor to reload every worker)."""
     import uvloop
 
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # held until the loop handles it
     configure_logging()
     cpu = worker_cpu(index) if settings.server.cpu_affinity else None
     if cpu is not None:
@@ -406,19 +413,26 @@ def serve_worker(settings: Settings, host: str, port: int, reuse_port: bool, ind
     log.info("starting", extra={"host": host, "port": port, "pid": os.getpid(), "cpu": cpu,
                                 "upstreams": list(settings.upstreams), "state": settings.state.backend})
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve_until_signalled(settings, host, port, reuse_port))
+        runner.run(serve_until_signalled(settings, host, port, reuse_port, config_path, supervised))
 
 
-async def serve_until_signalled(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
+async def serve_until_signalled(settings: Settings, host: str, port: int, reuse_port: bool,
+                                config_path: str | None = None, supervised: bool = False) -> None:
     """``start_server``, then wait for SIGINT or SIGTERM and shut down (``_on_shutdown``
-    drains; aiohttp then gives handlers ``HANDLER_GRACE_S``)."""
+    drains; aiohttp then gives handlers ``HANDLER_GRACE_S``). SIGHUP reloads
+    ``config_path`` (``Reloader.on_signal``: coalesced, never ends the process); a SIGHUP
+    that arrived while starting (blocked until now) is handled once serving."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    app = create_app(settings)
+    app = create_app(settings, config_path)
+    reloader = app[hot_reload.RELOADER]
+    reloader.notify_parent = supervised
     app.cleanup_ctx.append(tune_gc)  # last: after every other startup step has built its state
     runner, bound = await start_server(settings, host, port, reuse_port=reuse_port, app=app)
+    loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     log.info("listening", extra={"url": f"http://{host}:{bound}", "pid": os.getpid()})
     try:
         await stop.wait()
@@ -426,7 +440,8 @@ async def serve_until_signalled(settings: Settings, host: str, port: int, reuse_
         await runner.cleanup()
 
 
-def supervise_workers(settings: Settings, bind: tuple[str, int], count: int) -> int:
+def supervise_workers(settings: Settings, bind: tuple[str, int], count: int,
+                      config_path: str | None = None) -> int:
     """Start ``count`` workers on ``bind`` with SO_REUSEPORT and wait for them; returns the
     exit code (0 when every worker stopped cleanly on a signal).
 
@@ -439,17 +454,26 @@ def supervise_workers(settings: Settings, bind: tuple[str, int], count: int) -> 
     if bind[1] == 0:
         raise ValueError("--workers > 1 needs a fixed port, not 0")
     configure_logging()
-    return WorkerSupervisor(settings, bind, count).run()
+    with multiprocess_dir():  # one /metrics scrape sums every worker (proxy.telemetry)
+        return WorkerSupervisor(settings, bind, count, config_path).run()
 
 
 class WorkerSupervisor:
     """The parent of ``--workers N``: starts the workers (spawned processes), forwards
-    SIGINT/SIGTERM to them, restarts one that exits on its own, and gives up when more than
-    ``MAX_RESTARTS`` exits happen within ``RESTART_WINDOW_S``."""
+    SIGINT/SIGTERM/SIGHUP to them, restarts one that exits on its own, and gives up when more
+    than ``MAX_RESTARTS`` exits happen within ``RESTART_WINDOW_S``.
 
-    def __init__(self, settings: Settings, bind: tuple[str, int], count: int) -> None:
+    On SIGHUP (from an operator, or from a worker that applied ``POST /admin/reload``) every
+    worker reloads ``config_path``, and a worker restarted later starts from the reloaded
+    settings. Workers start with SIGHUP blocked (inherited), so one sent while a worker
+    starts is handled once it serves, not taken as the default "terminate"."""
+
+    def __init__(self, settings: Settings, bind: tuple[str, int], count: int,
+                 config_path: str | None = None) -> None:
         self._context = multiprocessing.get_context("spawn")
-        self._args = (settings, *bind, True)
+        self._settings = settings
+        self._config_path = config_path
+        self._args = (*bind, True)
         self._count = count
         self._procs: list[multiprocessing.process.BaseProcess] = []
         self._restarts: list[float] = []
@@ -457,6 +481,8 @@ class WorkerSupervisor:
         self._gave_up = False
 
     def run(self) -> int:
+        signal.signal(signal.SIGHUP, self._reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # the CLI held it until now
         self._procs = [self._start(i) for i in range(self._count)]
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
@@ -470,9 +496,29 @@ class WorkerSupervisor:
         return 0 if not self._gave_up and all(p.exitcode == 0 for p in self._procs) else 1
 
     def _start(self, index: int) -> multiprocessing.process.BaseProcess:
-        proc = self._context.Process(target=serve_worker, args=(*self._args, index), daemon=False)
-        proc.start()
+        proc = self._context.Process(target=serve_worker, args=(self._settings, *self._args, index),
+                                     kwargs={"config_path": self._config_path, "supervised": True},
+                                     daemon=False)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # the child inherits the mask
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         return proc
+
+    def _reload(self, _signum: int, _frame: object) -> None:
+        """SIGHUP: forward it to every worker, then re-read the file for workers started
+        later (an invalid file keeps the settings; the workers log its errors)."""
+        for proc in self._procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGHUP)
+        if self._config_path is None:
+            return
+        try:
+            new = load_settings_file(self._config_path)
+        except ConfigError:
+            return
+        self._settings = hot_reload.plan_reload(self._settings, new).settings
 
     def _replace(self, index: int) -> None:
         now, old = time.monotonic(), self._procs[index]
@@ -483,6 +529,7 @@ class WorkerSupervisor:
             self._stop(signal.SIGTERM, None)
             return
         log.warning("worker exited; restarting", extra={"pid": old.pid, "code": old.exitcode})
+        worker_gone(old.pid)
         self._procs[index] = self._start(index)
 
     def _stop(self, signum: int, _frame: object) -> None:

@@ -1,18 +1,17 @@
 """Virtual keys: API key → ``Principal``.
 
-Keys are held only as SHA-256 digests (``keys.<name>.key`` is hashed at start-up) and a
-presented key is compared against every digest with ``hmac.compare_digest``, so neither a
-wrong guess's position nor its length shows in the timing.
+Keys are held only as SHA-256 digests (``keys.<name>.key`` is hashed at start-up; runtime
+keys are stored hashed) and a presented key is found by its digest, so the timing of a
+lookup shows nothing of a stored key.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.config import KeyConfig, model_matches
+from proxy.config import KeyConfig, KeyLimitsConfig, model_matches
 from proxy.errors import AuthenticationError
 
 
@@ -72,23 +71,123 @@ def websocket_key(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+class KeyConflictError(ValueError):
+    """Two keys that cannot both be held: the same name, or the same secret (digest), in
+    the config and among runtime keys. ``str()`` names them, never a secret."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """One key as the ``KeyStore`` holds it: its principal, its limits (models, rates,
+    per-model limits, budget: a ``KeyLimitsConfig``), its ``source`` (``config`` for
+    ``keys.<name>``, ``runtime`` for ``POST /admin/keys``) and its SHA-256 digest."""
+
+    principal: Principal
+    limits: KeyLimitsConfig
+    source: str
+    digest: bytes
+
+    @property
+    def name(self) -> str:
+        return self.principal.name
+
+
+def key_entry(name: str, limits: KeyLimitsConfig, digest_hex: str, source: str) -> KeyEntry:
+    """The entry of the key ``name`` whose secret hashes to ``digest_hex`` (64 hex digits)."""
+    principal = Principal(name, limits.models, limits.rpm, limits.tpm, limits.max_concurrent,
+                          limits.priority, limits.max_websockets)
+    return KeyEntry(principal, limits, source, bytes.fromhex(digest_hex))
+
+
 class KeyStore:
-    """Holds the digests of all virtual keys and authenticates requests.
+    """Every virtual key, by SHA-256 digest: the config's (``keys.<name>``) and the runtime
+    ones (created with ``POST /admin/keys``, held in the ledger database), in one lookup.
+
+    A presented key is hashed and looked up by its digest in a dict: the lookup's timing
+    depends only on that digest, which a guesser cannot steer, never on a stored key.
+
+    The two parts change independently: ``replace_config`` swaps the config's keys (hot
+    reload) and keeps the runtime ones; ``put_runtime``/``remove_runtime`` change one runtime
+    key. A name or a digest held by both parts is refused (``KeyConflictError``). ``version``
+    grows by one with every change (``DemandBuilder`` drops its cached limits then).
 
     Args:
         keys: ``keys.<name>`` config entries by name.
     """
 
     def __init__(self, keys: Mapping[str, KeyConfig]) -> None:
-        self._entries: list[tuple[bytes, Principal]] = []
-        for name, cfg in keys.items():
-            digest_hex = cfg.key_sha256 or hash_key(cfg.key.get_secret_value() if cfg.key else "")
-            principal = Principal(name, cfg.models, cfg.rpm, cfg.tpm, cfg.max_concurrent, cfg.priority,
-                                  cfg.max_websockets)
-            self._entries.append((bytes.fromhex(digest_hex), principal))
+        self._config: dict[str, KeyEntry] = {}
+        self._runtime: dict[str, KeyEntry] = {}
+        self._by_digest: dict[bytes, KeyEntry] = {}
+        self.version = 0
+        self.replace_config(keys)
 
     def __repr__(self) -> str:
-        return f"<KeyStore [{len(self._entries)} keys]>"
+        return (f"<KeyStore [{len(self._by_digest)} keys: {len(self._config)} config, "
+                f"{len(self._runtime)} runtime | version {self.version}]>")
+
+    def replace_config(self, keys: Mapping[str, KeyConfig]) -> None:
+        """Hold ``keys`` as the config's keys instead of the current ones; runtime keys stay.
+        All or nothing.
+
+        Raises:
+            KeyConflictError: a config key has the name or the secret of a runtime key
+                (nothing is changed).
+        """
+        entries = {name: key_entry(name, cfg, _digest_hex(cfg), "config") for name, cfg in keys.items()}
+        clashes = sorted(name for name in entries if name in self._runtime)
+        runtime_digests = {e.digest: e.name for e in self._runtime.values()}
+        clashes += sorted(f"{name} (same secret as runtime key {runtime_digests[e.digest]})"
+                          for name, e in entries.items() if e.digest in runtime_digests)
+        if clashes:
+            raise KeyConflictError(f"keys {clashes} clash with runtime keys; revoke those first")
+        self._config = entries
+        self._reindex()
+
+    def put_runtime(self, entry: KeyEntry) -> None:
+        """Add the runtime key ``entry``, or replace the runtime key of the same name.
+
+        Raises:
+            KeyConflictError: a config key has its name, or another key its digest.
+        """
+        if entry.name in self._config:
+            raise KeyConflictError(f"{entry.name} is a key of the config (keys.{entry.name})")
+        holder = self._by_digest.get(entry.digest)
+        if holder is not None and holder.name != entry.name:
+            raise KeyConflictError(f"{entry.name} has the secret of key {holder.name}")
+        old = self._runtime.get(entry.name)
+        if old is not None:
+            self._by_digest.pop(old.digest, None)
+        self._runtime[entry.name] = entry
+        self._by_digest[entry.digest] = entry
+        self.version += 1
+
+    def remove_runtime(self, name: str) -> bool:
+        """Forget the runtime key ``name`` (its next request gets 401); ``False`` if there
+        was none. In-flight requests are not affected."""
+        entry = self._runtime.pop(name, None)
+        if entry is None:
+            return False
+        self._by_digest.pop(entry.digest, None)
+        self.version += 1
+        return True
+
+    def _reindex(self) -> None:
+        self._by_digest = {e.digest: e for e in (*self._config.values(), *self._runtime.values())}
+        self.version += 1
+
+    def entry(self, name: str) -> KeyEntry | None:
+        """The key named ``name`` (config or runtime), or ``None``."""
+        return self._config.get(name) or self._runtime.get(name)
+
+    def limits_of(self, name: str) -> KeyLimitsConfig | None:
+        """The limits of the key named ``name``, or ``None`` when there is none."""
+        entry = self.entry(name)
+        return entry.limits if entry is not None else None
+
+    def entries(self) -> list[KeyEntry]:
+        """Every key: the config's (in config order), then the runtime ones."""
+        return [*self._config.values(), *self._runtime.values()]
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
         """Return the ``Principal`` for the request's key.
@@ -109,10 +208,10 @@ class KeyStore:
         return principal
 
     def lookup(self, key: str) -> Principal | None:
-        """The principal whose key is ``key``, or ``None``; compares with every digest."""
-        digest = hashlib.sha256(key.encode("utf-8")).digest()
-        found: Principal | None = None
-        for stored, principal in self._entries:
-            if hmac.compare_digest(stored, digest):
-                found = principal
-        return found
+        """The principal whose key is ``key``, or ``None``."""
+        entry = self._by_digest.get(hashlib.sha256(key.encode("utf-8")).digest())
+        return entry.principal if entry is not None else None
+
+
+def _digest_hex(cfg: KeyConfig) -> str:
+    return cfg.key_sha256 or hash_key(cfg.key.get_secret_value() if cfg.key else "")

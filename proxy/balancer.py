@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from proxy.config import model_matches
@@ -304,11 +304,30 @@ class Balancer:
                     seen.setdefault(p, None)
         return list(seen)
 
-    # --- health reports -------------------------------------------------------------------
+    def reconfigure(self, specs: Mapping[str, DeploymentSpec], model_upstreams: Mapping[str, tuple[str, ...]],
+                    max_ejection_percent: float, panic_threshold_percent: float,
+                    replaced: Collection[str] = ()) -> None:
+        """Hot reload (``proxy.reload``): route over ``specs`` from now on. A deployment kept
+        by name keeps its health unless it is in ``replaced`` (a new pool under the same name:
+        it starts healthy, as at start-up). Reports about deployments no longer configured
+        (requests that were in flight on them) are ignored from now on."""
+        self.specs = dict(specs)
+        self.health = {name: self.health[name] if name in self.health and name not in replaced else Health()
+                       for name in self.specs}
+        self._model_upstreams = dict(model_upstreams)
+        self._max_ejection_percent = max_ejection_percent
+        self._panic_threshold_percent = panic_threshold_percent
+        self._route_cache.clear()
+        self._candidates_cache.clear()
+        self._panicking.clear()
+        self._epoch += 1
+
+    # --- health reports (ignored for a deployment a reload removed) --------------------------
 
     def record_success(self, name: str) -> None:
         """An attempt on ``name`` got a response that is not a server failure."""
-        self.health[name].consecutive_failures = 0
+        if name in self.health:
+            self.health[name].consecutive_failures = 0
 
     def record_failure(self, name: str, *, local: bool = False) -> bool:
         """An attempt on ``name`` failed (connect error, timeout, 5xx); returns whether this
@@ -321,6 +340,8 @@ class Balancer:
         """
         if local:
             self.local_failures += 1
+            return False
+        if name not in self.health:
             return False
         health, spec, now = self.health[name], self.specs[name], self._clock()
         health.consecutive_failures += 1
@@ -337,13 +358,17 @@ class Balancer:
 
     def record_rate_limited(self, name: str, retry_after_s: float) -> None:
         """``name`` answered 429 with ``Retry-After``: no traffic for ``retry_after_s``."""
-        health = self.health[name]
+        health = self.health.get(name)
+        if health is None:
+            return
         health.cooldown_until = max(health.cooldown_until, self._clock() + retry_after_s)
         self._epoch += 1
 
     def record_probe(self, name: str, ok: bool) -> bool | None:
         """Count one active probe result; returns the new ``healthy`` value when it changed,
         else ``None``."""
+        if name not in self.health:
+            return None
         health, spec = self.health[name], self.specs[name]
         if ok:
             health.probe_streak = max(1, health.probe_streak + 1)

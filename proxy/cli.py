@@ -1,8 +1,10 @@
-"""The ``shepherd`` command: ``serve``, ``check-config``, ``hash-key``, ``usage``."""
+"""The ``shepherd`` command: ``serve``, ``check-config``, ``hash-key``, ``usage``, ``keys``,
+``reload``."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     hashing = commands.add_parser("hash-key", help="print the SHA-256 hex of KEY for key_sha256")
     hashing.add_argument("key")
     admin_client.add_usage_parser(commands)
+    admin_client.add_keys_parser(commands)
+    admin_client.add_reload_parser(commands)
     return parser
 
 
@@ -36,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "usage":
         return admin_client.run_usage(args)
+    if args.command == "keys":
+        return admin_client.run_keys(args)
+    if args.command == "reload":
+        return admin_client.run_reload(args)
     path = args.path if args.command == "check-config" else args.config
     try:
         settings = load_settings_file(path)
@@ -49,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # held, not fatal, until the gateway handles it
     from proxy.app import serve
 
     workers = args.workers if args.workers is not None else settings.server.workers
@@ -56,7 +65,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         print(f"shepherd: {MEMORY_WORKERS_MESSAGE}", file=sys.stderr)
         return 2
     try:
-        return serve(settings, args.host, args.port, workers)
+        return serve(settings, args.host, args.port, workers, config_path=args.config)
     except ValueError as exc:
         print(f"shepherd: {exc}", file=sys.stderr)
         return 2

@@ -397,19 +397,25 @@ class UpstreamConfig(_Frozen):
         return self.max_in_flight if self.max_in_flight is not None else self.max_connections
 
 
-class KeyConfig(RateLimits):
-    """``keys.<name>:`` — one virtual key; exactly one of ``key`` and ``key_sha256``, its
-    models, its limits (``RateLimits``), optional per-model limits and a budget, its
-    ``priority`` in admission queues (higher is served first; default 0), and
-    ``max_websockets``: WebSockets it may hold open at once, per process (default 64)."""
+class KeyLimitsConfig(RateLimits):
+    """A virtual key without its secret: its models, its limits (``RateLimits``), optional
+    per-model limits and a budget, its ``priority`` in admission queues (higher is served
+    first; default 0), and ``max_websockets``: WebSockets it may hold open at once, per
+    process (default 64). ``POST /admin/keys`` validates its body with this model."""
 
-    key: SecretStr | None = None
-    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     models: ModelPatterns = ("*",)
     per_model: dict[str, RateLimits] = Field(default_factory=dict)
     budget: BudgetConfig | None = None
     priority: int = 0
     max_websockets: int = Field(64, ge=0)
+
+
+class KeyConfig(KeyLimitsConfig):
+    """``keys.<name>:`` — one virtual key: exactly one of ``key`` and ``key_sha256``, and
+    everything of ``KeyLimitsConfig``."""
+
+    key: SecretStr | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:
@@ -483,6 +489,25 @@ class AdminConfig(_Frozen):
     keys: tuple[Annotated[AdminKeyConfig, BeforeValidator(_bare_admin_key)], ...] = ()
 
 
+class ObservabilityConfig(_Frozen):
+    """``observability:`` — who may read ``/metrics`` and ``/readyz``, and traces.
+
+    ``metrics_auth``: ``none`` (anyone; the default) or ``admin`` (an ``admin.keys`` key,
+    as ``/admin/*``; ``/healthz`` stays open). ``otlp_endpoint``: an OTLP/HTTP traces URL
+    (``http://collector:4318/v1/traces``) to export one span per request to, with the
+    OpenTelemetry GenAI attributes (needs the ``otel`` extra); ``None``: no traces.
+    ``service_name``: the traces' ``service.name``. ``max_model_labels``: distinct model
+    ids metrics label beyond the configured ones (``models:`` and exact ``upstreams.*.models``
+    entries); later ones are labelled ``other``, so ``models: ["*"]`` cannot grow series
+    without bound.
+    """
+
+    metrics_auth: Literal["none", "admin"] = "none"
+    otlp_endpoint: str | None = Field(None, pattern=r"^https?://")
+    service_name: str = "shepherd"
+    max_model_labels: int = Field(100, ge=0)
+
+
 class Settings(_Frozen):
     """The whole validated configuration (frozen)."""
 
@@ -497,6 +522,7 @@ class Settings(_Frozen):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
 
 
 

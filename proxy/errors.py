@@ -10,6 +10,7 @@ Class tree (the HTTP status each answers with)::
     ├── NotFoundError (404)
     │   └── ModelNotFoundError (404 model_not_found)
     ├── MethodNotAllowedError (405)
+    ├── ConflictError (409 conflict)
     ├── ExpectationFailedError (417)
     ├── RateLimitError (429 requests | tokens | insufficient_quota)
     ├── OverloadedError (503 overloaded)
@@ -148,6 +149,14 @@ class NotFoundError(GatewayError):
     status = 404
     error_type = "invalid_request_error"
     default_code = "not_found"
+
+
+class ConflictError(GatewayError):
+    """The request conflicts with what exists (409): a name already taken, a read-only key."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class ModelNotFoundError(NotFoundError):

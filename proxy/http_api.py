@@ -17,7 +17,7 @@ import aiohttp
 import msgspec
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import pipeline
 from proxy.auth import Principal
@@ -29,6 +29,7 @@ from proxy.errors import (
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
+    PermissionDeniedError,
     RequestTimeoutError,
     RequestTooLargeError,
 )
@@ -509,10 +510,36 @@ async def healthz(request: web.Request) -> web.StreamResponse:
     return json_response({"status": "ok"})
 
 
+#: What ``/metrics`` and ``/readyz`` run with ``observability.metrics_auth: admin``: the
+#: admin authorization (``app.py`` passes ``admin_api.authorize``, a module of this layer
+#: this one does not import). Raises ``AuthenticationError`` (401) or
+#: ``PermissionDeniedError`` (403).
+AdminCheck = Callable[[web.Request], object]
+ADMIN_CHECK: web.AppKey[AdminCheck] = web.AppKey("admin_check")
+
+
+def check_metrics_access(request: web.Request) -> None:
+    """With ``observability.metrics_auth: admin``, require an admin key (``ADMIN_CHECK``);
+    they show key and upstream names. Nothing to check with ``none`` (the default).
+
+    Raises:
+        AuthenticationError, PermissionDeniedError: no admin key (401/403).
+    """
+    if request.app[GATEWAY].settings.observability.metrics_auth != "admin":
+        return
+    check = request.app.get(ADMIN_CHECK)
+    if check is None:
+        raise PermissionDeniedError("This endpoint needs an admin key and no admin API is set up.",
+                                    code="admin_disabled")
+    check(request)
+
+
 async def readyz(request: web.Request) -> web.StreamResponse:
     """``GET /readyz``: 200 when some upstream is healthy, 503 when none is or while draining
     for shutdown; the body lists each upstream's state, requests in flight and queued, and
-    its keep-alive pool (connections in use and idle)."""
+    its keep-alive pool (connections in use and idle). Needs an admin key with
+    ``observability.metrics_auth: admin``."""
+    check_metrics_access(request)
     gateway = request.app[GATEWAY]
     upstreams = {
         name: {"state": gateway.balancer.status(name),
@@ -530,9 +557,10 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    """``GET /metrics``: Prometheus text exposition."""
-    registry = request.app[GATEWAY].metrics.registry
-    return web.Response(body=generate_latest(registry),
+    """``GET /metrics``: Prometheus text exposition (every worker's with ``--workers N``).
+    Needs an admin key with ``observability.metrics_auth: admin``."""
+    check_metrics_access(request)
+    return web.Response(body=request.app[GATEWAY].metrics.exposition(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -211,7 +211,7 @@ class UsageSink(Protocol):
 
 
 class NullLedger:
-    """``ledger.enabled: false``: rows are not even built (``enabled`` is False)."""
+    """``ledger.enabled: false``: rows are built for the metrics only (``enabled`` is False)."""
 
     enabled = False
 

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
-from proxy.config import BudgetConfig, RateLimits, Settings
+from proxy.config import BudgetConfig, KeyLimitsConfig, RateLimits, Settings
 from proxy.errors import GatewayError, OverloadedError, RateLimitError
 
 log = logging.getLogger("proxy")
@@ -710,16 +710,34 @@ class Limiter:
 # --- from config ----------------------------------------------------------------------------
 
 
+class KeyLimitsSource(Protocol):
+    """Where ``DemandBuilder`` finds a key's limits (``proxy.auth.KeyStore``)."""
+
+    @property
+    def version(self) -> int:
+        """Grows with every change of any key's limits."""
+        ...
+
+    def limits_of(self, name: str) -> KeyLimitsConfig | None:
+        """The limits of the key ``name``, ``None`` if there is no such key."""
+        ...
+
+
 class DemandBuilder:
     """Turns (key name, model, token estimate) into a ``Demand`` using the config; scopes
     are built once per (key, model) and cached.
 
     Args:
         settings: the validated config (keys, their per-model limits and budgets, prices).
+        keys: where a key's limits are looked up (the ``KeyStore``: config and runtime
+            keys); ``None``: ``settings.keys`` only. The cache is dropped whenever
+            ``keys.version`` changes (a runtime key created, changed or revoked; a reload).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, keys: KeyLimitsSource | None = None) -> None:
         self._settings = settings
+        self._keys = keys
+        self._keys_version = keys.version if keys is not None else 0
         self._cache: dict[tuple[str, str], tuple[tuple[Scope, ...], Budget | None]] = {}
         self._unpriced_warned: set[str] = set()
 
@@ -743,6 +761,9 @@ class DemandBuilder:
         return (prompt_tokens * price.input_per_mtok + completion_tokens * price.output_per_mtok) / 1e6
 
     def _scopes(self, key_name: str, model: str) -> tuple[tuple[Scope, ...], Budget | None]:
+        if self._keys is not None and self._keys.version != self._keys_version:
+            self._cache.clear()
+            self._keys_version = self._keys.version
         cached = self._cache.get((key_name, model))
         if cached is None:
             cached = self._build(key_name, model)
@@ -751,7 +772,11 @@ class DemandBuilder:
         return cached
 
     def _build(self, key_name: str, model: str) -> tuple[tuple[Scope, ...], Budget | None]:
-        cfg = self._settings.keys[key_name]
+        cfg = self._keys.limits_of(key_name) if self._keys is not None else None
+        if cfg is None:
+            cfg = self._settings.keys.get(key_name)
+        if cfg is None:  # revoked while the request was on its way: no limits to apply
+            return (), None
         scopes = [_scope(key_name, cfg)] if cfg.limited else []
         per_model = cfg.per_model.get(model)
         if per_model is not None and per_model.limited:

@@ -41,7 +41,7 @@ from proxy.limits import (
     estimate_prompt_tokens,
     usage_counts,
 )
-from proxy.observability import Metrics, request_context
+from proxy.observability import OVERHEAD_HEADER, Metrics, overhead_value, request_context
 from proxy.relay import (
     Dispatcher,
     Endpoint,
@@ -239,7 +239,7 @@ async def run(gateway: Gateway, call: Call) -> Answer:
     reservation; a stream's reader detaches and its producer goes on for
     ``streams.detach_timeout``.
     """
-    trace = Trace.begin(call.principal.name, call.endpoint.name) if gateway.ledger.enabled else None
+    trace = Trace.begin(call.principal.name, call.endpoint.name)  # the ledger's row and metrics
     try:
         request = parse_inference(call.endpoint, call.body)
         if trace is not None:
@@ -344,7 +344,7 @@ async def _unary(gateway: Gateway, call: Call, request: InferenceRequest, route:
             return await send_unary(upstream, deadline, "POST", request.endpoint.path, body, call.headers)
         trace.upstream, trace.sent_at = upstream.name, time.perf_counter()
         answer = await send_unary(upstream, deadline, "POST", request.endpoint.path, body, call.headers)
-        trace.answered_at = time.perf_counter()
+        trace.answered_at, trace.response_model = time.perf_counter(), answer.model
         return answer
 
     counts: tuple[int, int] | None = None
@@ -364,8 +364,10 @@ async def _unary(gateway: Gateway, call: Call, request: InferenceRequest, route:
         await settle(gateway, charge, request.model, counts)
     if ctx is not None:
         ctx.usage = result.usage
-    return UnaryAnswer(result.status, {**response_headers(result.headers), **charge.headers},
-                       result.body)
+    headers = {**response_headers(result.headers), **charge.headers}
+    if trace is not None and trace.overhead_ms is not None:
+        headers[OVERHEAD_HEADER] = overhead_value(trace.overhead_ms)
+    return UnaryAnswer(result.status, headers, result.body)
 
 
 # --- streams --------------------------------------------------------------------------------
@@ -393,6 +395,7 @@ async def start_stream(gateway: Gateway, call: Call, request: InferenceRequest,
         record_failure(gateway, trace, exc)
         raise
     log.endpoint = request.endpoint.name
+    log.model = request.model
     _note_stream(log.stream_id)
     if trace is not None:
         trace.stream_id = log.stream_id
@@ -423,6 +426,9 @@ async def start_stream(gateway: Gateway, call: Call, request: InferenceRequest,
         exc.extra_headers.update(charge.headers)
         raise
     answer.metering = job.metering
+    if trace is not None and job.metering.sent_at is not None:  # the overhead before the first byte
+        answer.headers = {**answer.headers,
+                          OVERHEAD_HEADER: overhead_value((job.metering.sent_at - trace.started_at) * 1000)}
     ctx = request_context.get()
     if ctx is not None and job.upstream is not None:
         ctx.upstream = job.upstream.name  # the deployment whose answer is streaming

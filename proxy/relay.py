@@ -200,18 +200,21 @@ class UnaryResult:
     headers: CIMultiDictProxy[str]
     body: bytes
     usage: JSONDict | None = None
+    model: str | None = None  # the answer's ``model``, if a string
 
 
 @dataclass(slots=True)
 class Metering:
     """What a stream reported: the last non-null ``usage`` object seen, or ``None``;
     ``events`` appended; ``sent_at``: ``time.perf_counter()`` when the latest attempt was
-    sent; ``first_event_at``: when the first event was appended (``None``: none yet)."""
+    sent; ``first_event_at``: when the first event was appended (``None``: none yet);
+    ``model``: the ``model`` of the event that carried the usage (``None``: not seen)."""
 
     usage: JSONDict | None = None
     events: int = 0
     sent_at: float | None = None
     first_event_at: float | None = None
+    model: str | None = None
 
 
 async def send_unary(upstream: Upstream, deadline: float, method: str, path: str,
@@ -241,7 +244,9 @@ async def send_unary(upstream: Upstream, deadline: float, method: str, path: str
         raise map_client_error(upstream, exc) from None
     payload = _json_answer(upstream, response, data)
     usage = payload.get("usage") if isinstance(payload, dict) else None
-    return UnaryResult(response.status, response.headers, data, usage if isinstance(usage, dict) else None)
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return UnaryResult(response.status, response.headers, data, usage if isinstance(usage, dict) else None,
+                       model if isinstance(model, str) else None)
 
 
 def _json_answer(upstream: Upstream, response: aiohttp.ClientResponse, data: bytes) -> object:
@@ -681,4 +686,8 @@ def _meter(job: StreamJob, obj: JSONDict) -> bool:
     if not isinstance(usage, dict):
         return False
     job.metering.usage = usage
+    holder = obj.get("response") if obj.get("type") in _RESPONSE_ENDINGS else obj
+    model = holder.get("model") if isinstance(holder, dict) else None
+    if isinstance(model, str):
+        job.metering.model = model
     return job.injected_usage and obj.get("choices") == []

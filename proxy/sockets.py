@@ -39,14 +39,17 @@ class OpenSocket:
 
     Attributes:
         key_name: the key that opened it.
+        endpoint: its path (``/v1/ws``, ``/v1/realtime``…), a metrics label.
         in_flight: requests (or streams being written) running on it now; the transport
             raises and lowers it, and ``close_all`` waits for it to reach 0.
     """
 
-    __slots__ = ("key_name", "in_flight", "_closer", "_registry")
+    __slots__ = ("key_name", "endpoint", "in_flight", "_closer", "_registry")
 
-    def __init__(self, registry: SocketRegistry, key_name: str, closer: Closer) -> None:
+    def __init__(self, registry: SocketRegistry, key_name: str, closer: Closer,
+                 endpoint: str = "-") -> None:
         self.key_name = key_name
+        self.endpoint = endpoint
         self.in_flight = 0
         self._closer = closer
         self._registry = registry
@@ -66,12 +69,16 @@ class OpenSocket:
 
 class SocketRegistry:
     """The WebSockets open in this process, by key. ``draining`` is set by ``close_all``:
-    from then on no socket opens (503 ``shutting_down``) and open ones take no new requests."""
+    from then on no socket opens (503 ``shutting_down``) and open ones take no new requests.
+    ``on_refuse(key_name, reason)`` is called for each socket refused for its key's cap (a
+    metric)."""
 
     def __init__(self) -> None:
         self._open: set[OpenSocket] = set()
         self._by_key: Counter[str] = Counter()
+        self._by_endpoint: Counter[str] = Counter()
         self.draining = False
+        self.on_refuse: Callable[[str, str], None] = lambda _key, _reason: None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -83,8 +90,12 @@ class SocketRegistry:
         """Sockets ``key_name`` holds open now."""
         return self._by_key[key_name]
 
-    def open(self, principal: Principal, closer: Closer) -> OpenSocket:
-        """Register a socket for ``principal`` before its upgrade.
+    def by_endpoint(self) -> dict[str, int]:
+        """Sockets open now per endpoint (``OpenSocket.endpoint``)."""
+        return dict(self._by_endpoint)
+
+    def open(self, principal: Principal, closer: Closer, endpoint: str = "-") -> OpenSocket:
+        """Register a socket for ``principal`` before its upgrade (``endpoint``: its path).
 
         Raises:
             OverloadedError: the gateway is shutting down (503 ``shutting_down``).
@@ -95,12 +106,14 @@ class SocketRegistry:
             raise OverloadedError("The gateway is shutting down; reconnect elsewhere.",
                                   code="shutting_down", retry_after_s=1.0)
         if self._by_key[principal.name] >= principal.max_websockets:
+            self.on_refuse(principal.name, "too_many_websockets")
             raise TooManyWebSocketsError(
                 f"This key already holds {principal.max_websockets} open WebSockets "
                 "(keys.<name>.max_websockets); close one first.", retry_after_s=1.0)
-        socket = OpenSocket(self, principal.name, closer)
+        socket = OpenSocket(self, principal.name, closer, endpoint)
         self._open.add(socket)
         self._by_key[principal.name] += 1
+        self._by_endpoint[endpoint] += 1
         return socket
 
     def _release(self, socket: OpenSocket) -> None:
@@ -109,6 +122,9 @@ class SocketRegistry:
             self._by_key[socket.key_name] -= 1
             if self._by_key[socket.key_name] <= 0:
                 del self._by_key[socket.key_name]
+            self._by_endpoint[socket.endpoint] -= 1
+            if self._by_endpoint[socket.endpoint] <= 0:
+                del self._by_endpoint[socket.endpoint]
 
     async def close_all(self, deadline_s: float, code: int = SERVICE_RESTART,
                         reason: str = "service restart") -> None:

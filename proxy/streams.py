@@ -211,6 +211,8 @@ class StreamLog:
         headers: response headers every reader sends (the ``x-ratelimit-*`` of the request
             that started it), set by the pipeline.
         endpoint: the endpoint label (``chat.completions``).
+        model: the model the request asked for (set by the pipeline; ``""`` until then).
+        created_at: ``time.monotonic()`` when the log was created.
         response_id: the Responses API ``id`` of a ``/v1/responses`` stream once its first
             event named it, else ``None``.
         producer: the task that fills this log, owned by the ``StreamRegistry``; ``None``
@@ -223,6 +225,7 @@ class StreamLog:
     __slots__ = ("stream_id", "owner", "frames", "first_seq", "bytes_total", "acked_seq",
                  "bytes_acked", "bytes_dropped", "state", "error", "headers", "endpoint",
                  "response_id", "producer", "finished_at", "buffer_bytes", "retain_bytes", "failure",
+                 "model", "created_at",
                  "_cursors", "_followers", "_tally", "_changed", "_drained")
 
     def __init__(self, stream_id: str, owner: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
@@ -240,6 +243,8 @@ class StreamLog:
         self.failure: GatewayError | None = None
         self.headers: dict[str, str] = {}
         self.endpoint = ""
+        self.model = ""
+        self.created_at = time.monotonic()
         self.response_id: str | None = None
         self.producer: asyncio.Task[None] | None = None
         self.finished_at: float | None = None

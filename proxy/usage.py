@@ -4,9 +4,10 @@
 token (400/404/429/503, or 499 when the client left first), ``record_unary`` when a unary
 answer is ready (or failed), and ``record_stream`` from the producer task when a stream ends
 — whether or not a client is still reading, so a detached stream gets its row with the
-usage as finally metered. A ``Trace`` collects what the row learns on the way; it exists
-only with the ledger on (``UsageHost.ledger.enabled``), so a disabled ledger costs one
-attribute read per request. Everything here is synchronous: a row is queued
+usage as finally metered. A ``Trace`` collects what the row learns on the way. Every row
+is observed by the metrics (and traces) once (``Metrics.observe_row``: tokens, cost, time to
+first token, overhead), and queued for the ledger only when it is on
+(``UsageHost.ledger.enabled``). Everything here is synchronous: a row is queued
 (``Ledger.record``), never written on the request path.
 """
 
@@ -19,7 +20,7 @@ from typing import Protocol
 from proxy.config import Settings
 from proxy.errors import GatewayError
 from proxy.ledger import UsageRow, UsageSink
-from proxy.observability import CLIENT_CLOSED, new_request_id, request_context
+from proxy.observability import CLIENT_CLOSED, Metrics, RowTiming, new_request_id, request_context
 from proxy.relay import StreamJob
 from proxy.streams import StreamState
 
@@ -45,6 +46,9 @@ class UsageHost(Protocol):
     @property
     def ledger_streams(self) -> dict[str, Trace]: ...
 
+    @property
+    def metrics(self) -> Metrics: ...
+
 
 @dataclass(slots=True)
 class Trace:
@@ -56,6 +60,9 @@ class Trace:
         model, stream_id, upstream: learnt on the way, else ``None``.
         sent_at, answered_at: when the unary attempt that answered was sent and answered.
         resumes: readers that re-attached to its stream.
+        overhead_ms: the unary answer's gateway overhead once recorded (its
+            ``x-shepherd-overhead-ms`` header), else ``None``.
+        response_model: the model the upstream's answer names, if seen.
     """
 
     started_at: float
@@ -69,6 +76,8 @@ class Trace:
     sent_at: float | None = None
     answered_at: float | None = None
     resumes: int = 0
+    overhead_ms: float | None = None
+    response_model: str | None = None
 
     @classmethod
     def begin(cls, key_name: str, endpoint: str) -> Trace:
@@ -106,7 +115,15 @@ def record_failure(gateway: UsageHost, trace: Trace | None, error: BaseException
     status, code = _status_of(error)
     row = trace.row(status, code, time.perf_counter())
     row.prompt_tokens = row.completion_tokens = row.total_tokens = 0
-    gateway.ledger.record(row)
+    _finish(gateway, row)
+
+
+def _finish(gateway: UsageHost, row: UsageRow, timing: RowTiming | None = None) -> None:
+    """Metrics and traces observe the row (``Metrics.observe_row``); the ledger keeps it
+    when it is on."""
+    gateway.metrics.observe_row(row, timing)
+    if gateway.ledger.enabled:
+        gateway.ledger.record(row)
 
 
 def _charge_row(gateway: UsageHost, row: UsageRow, counts: tuple[int, int] | None) -> None:
@@ -132,9 +149,13 @@ def record_unary(gateway: UsageHost, trace: Trace | None, status: int, error: Ba
         status, code = _status_of(error)
     row = trace.row(status, code, now)
     _charge_row(gateway, row, counts)
-    if trace.sent_at is not None and trace.answered_at is not None and error is None:
-        row.overhead_ms = _ms((now - trace.started_at) - (trace.answered_at - trace.sent_at))
-    gateway.ledger.record(row)
+    attempt: tuple[float, float] | None = None
+    if trace.sent_at is not None and trace.answered_at is not None:
+        attempt = (trace.sent_at - trace.started_at, trace.answered_at - trace.started_at)
+        if error is None:
+            row.overhead_ms = trace.overhead_ms = _ms(
+                (now - trace.started_at) - (trace.answered_at - trace.sent_at))
+    _finish(gateway, row, RowTiming(attempt, trace.response_model))
 
 
 def record_stream(gateway: UsageHost, trace: Trace | None, job: StreamJob,
@@ -158,7 +179,9 @@ def record_stream(gateway: UsageHost, trace: Trace | None, job: StreamJob,
         row.ttft_ms = _ms(metering.first_event_at - trace.started_at)
         if metering.sent_at is not None:
             row.overhead_ms = _ms(metering.sent_at - trace.started_at)
-    gateway.ledger.record(row)
+    attempt = None if metering.sent_at is None else \
+        (metering.sent_at - trace.started_at, (row.latency_ms or 0.0) / 1000.0)
+    _finish(gateway, row, RowTiming(attempt, metering.model))
 
 
 def count_resume(gateway: UsageHost, stream_id: str) -> None:

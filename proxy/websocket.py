@@ -152,7 +152,7 @@ class ClientSocket:
         Raises:
             TooManyWebSocketsError (429) or OverloadedError (503, draining).
         """
-        self.held = self.gateway.sockets.open(principal, self.close)
+        self.held = self.gateway.sockets.open(principal, self.close, self.path)
         self.principal = principal
 
     def release(self) -> None:

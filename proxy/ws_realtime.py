@@ -534,7 +534,7 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     async def closer(code: int, reason: str) -> None:
         await close_client(client, code, reason, DRAIN_CLOSE_WAIT_S)
 
-    held = gateway.sockets.open(principal, closer)
+    held = gateway.sockets.open(principal, closer, request.path)
     meter = RealtimeMeter(gateway, principal, model)
     try:
         await serve(request, upgrade, gateway, principal, candidates, client, meter, held)

@@ -7,8 +7,8 @@ import hashlib
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.auth import KeyStore, Principal, hash_key, presented_key
-from proxy.config import KeyConfig
+from proxy.auth import KeyConflictError, KeyEntry, KeyStore, Principal, hash_key, key_entry, presented_key
+from proxy.config import KeyConfig, KeyLimitsConfig
 from proxy.errors import AuthenticationError
 
 FULL_KEY = "sk-full-0123456789abcdef"
@@ -112,7 +112,7 @@ def test_presented_key_prefers_authorization() -> None:
 
 
 def test_keystore_repr_shows_count_not_keys(store: KeyStore) -> None:
-    assert repr(store) == "<KeyStore [3 keys]>"
+    assert repr(store) == "<KeyStore [3 keys: 3 config, 0 runtime | version 1]>"
     assert FULL_KEY not in repr(store)
 
 
@@ -143,3 +143,53 @@ def test_principal_from_store_applies_its_patterns(store: KeyStore) -> None:
     assert not hashed.may_use("mock-gpt")
     assert limited.may_use("mock-gpt")
     assert not limited.may_use("gpt-4-turbo")
+
+
+# --- config and runtime keys in one store -------------------------------------------------------
+
+RUNTIME_KEY = "sk-shp-runtime-0123456789abcdefghijklmn"
+
+
+def runtime_entry(name: str = "rt", secret: str = RUNTIME_KEY, **limits: object) -> KeyEntry:
+    return key_entry(name, KeyLimitsConfig.model_validate(limits), hash_key(secret), "runtime")
+
+
+def test_runtime_keys_are_looked_up_with_the_config_keys(store: KeyStore) -> None:
+    version = store.version
+    store.put_runtime(runtime_entry(rpm=5))
+    assert store.lookup(RUNTIME_KEY) == Principal("rt", ("*",), rpm=5)
+    assert store.lookup(FULL_KEY) is not None
+    assert store.entry("rt").source == "runtime"  # type: ignore[union-attr]
+    assert store.limits_of("full").rpm == 60  # type: ignore[union-attr]
+    assert store.version == version + 1
+    store.put_runtime(runtime_entry(rpm=7))  # a change replaces it
+    assert store.lookup(RUNTIME_KEY).rpm == 7  # type: ignore[union-attr]
+    assert store.remove_runtime("rt") is True
+    assert store.lookup(RUNTIME_KEY) is None
+    assert store.remove_runtime("rt") is False
+    assert store.version == version + 3
+
+
+def test_replace_config_keeps_runtime_keys(store: KeyStore) -> None:
+    store.put_runtime(runtime_entry())
+    store.replace_config({"fresh": KeyConfig.model_validate({"key": "sk-fresh-key-123", "rpm": 1})})
+    assert store.lookup(RUNTIME_KEY) is not None
+    assert store.lookup("sk-fresh-key-123") is not None
+    assert store.lookup(FULL_KEY) is None
+    assert [e.name for e in store.entries()] == ["fresh", "rt"]
+    assert repr(store) == "<KeyStore [2 keys: 1 config, 1 runtime | version 3]>"
+
+
+def test_a_name_or_secret_in_both_parts_is_refused(store: KeyStore) -> None:
+    with pytest.raises(KeyConflictError, match="full"):
+        store.put_runtime(runtime_entry(name="full"))
+    with pytest.raises(KeyConflictError, match="secret of key full"):
+        store.put_runtime(runtime_entry(secret=FULL_KEY))
+    store.put_runtime(runtime_entry())
+    before = store.entries()
+    with pytest.raises(KeyConflictError, match="rt"):
+        store.replace_config({"rt": KeyConfig.model_validate({"key": "sk-other-0000"})})
+    with pytest.raises(KeyConflictError, match="same secret as runtime key rt"):
+        store.replace_config({"copy": KeyConfig.model_validate({"key": RUNTIME_KEY})})
+    assert store.entries() == before  # nothing changed
+    assert RUNTIME_KEY not in repr(store)

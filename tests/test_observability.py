@@ -10,15 +10,21 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
+from proxy.ledger import UsageRow
 from proxy.observability import (
     JSONFormatter,
     Metrics,
+    ModelLabels,
     RequestContext,
+    RowTiming,
     _BufferedHandler,
     configure_logging,
     flush_logs,
     new_request_id,
+    overhead_value,
     request_context,
+    status_class,
+    time_per_output_token_s,
 )
 
 
@@ -218,8 +224,10 @@ def test_count_request_increments_labelled_counter() -> None:
                {"endpoint": "/v1/embeddings", "key": "other", "status": "200"}) == 1.0
     assert get("shepherd_requests_total",
                {"endpoint": "/v1/embeddings", "key": "tester", "status": "200"}) is None
-    assert get("shepherd_request_seconds_count", {"endpoint": "/v1/chat/completions"}) == 3.0
-    assert get("shepherd_request_seconds_sum", {"endpoint": "/v1/chat/completions"}) == pytest.approx(0.03)
+    ok = {"endpoint": "/v1/chat/completions", "status_class": "2xx"}
+    assert get("shepherd_request_seconds_count", ok) == 2.0
+    assert get("shepherd_request_seconds_count", {**ok, "status_class": "4xx"}) == 1.0
+    assert get("shepherd_request_seconds_sum", ok) == pytest.approx(0.02)
 
 
 def test_count_upstream_error_by_upstream_and_kind() -> None:
@@ -235,3 +243,54 @@ def test_each_metrics_has_its_own_registry() -> None:
     labels = {"endpoint": "/v1/models", "key": "tester", "status": "200"}
     assert first.registry.get_sample_value("shepherd_requests_total", labels) == 1.0
     assert second.registry.get_sample_value("shepherd_requests_total", labels) is None
+
+
+# --- request-level metrics (observe_row) --------------------------------------------------------
+
+
+def stream_row(**fields: object) -> UsageRow:
+    row = UsageRow(0.0, "req_1", "tester", "chat.completions", "http", 200, None, "m1", "up",
+                   "gs_1", prompt_tokens=10, completion_tokens=11, total_tokens=21, cost_usd=0.5,
+                   latency_ms=1100.0, ttft_ms=100.0, overhead_ms=2.0)
+    for name, value in fields.items():
+        setattr(row, name, value)
+    return row
+
+
+def test_observe_row_counts_tokens_cost_and_times_once_per_request() -> None:
+    metrics = Metrics()
+    seen: list[tuple[UsageRow, RowTiming]] = []
+    metrics.row_listeners.append(lambda row, timing: seen.append((row, timing)))
+    metrics.observe_row(stream_row())
+    metrics.observe_row(stream_row(ttft_ms=None, status=502, error_code="upstream_error",
+                                   completion_tokens=0, cost_usd=None, overhead_ms=None))
+    get = metrics.registry.get_sample_value
+    assert get("shepherd_tokens_total", {"key": "tester", "model": "m1", "type": "prompt"}) == 20
+    assert get("shepherd_tokens_total", {"key": "tester", "model": "m1", "type": "completion"}) == 11
+    assert get("shepherd_cost_usd_total", {"key": "tester", "model": "m1"}) == 0.5
+    assert get("shepherd_time_to_first_token_seconds_count", {"model": "m1", "upstream": "up"}) == 1
+    assert get("shepherd_time_to_first_token_seconds_sum", {"model": "m1", "upstream": "up"}) == 0.1
+    assert get("shepherd_time_per_output_token_seconds_sum", {"model": "m1", "upstream": "up"}) \
+        == pytest.approx(0.1)  # (1100 - 100) ms over 10 tokens after the first
+    assert get("shepherd_gateway_overhead_seconds_count", {"endpoint": "chat.completions"}) == 1
+    assert get("shepherd_model_requests_total", {"model": "m1", "upstream": "up", "status_class": "5xx"}) == 1
+    assert len(seen) == 2
+
+
+def test_model_labels_are_bounded() -> None:
+    labels = ModelLabels({"known"}, max_extra=1)
+    assert labels.label("known", ok=False) == "known"
+    assert labels.label("new", ok=False) == "other"  # a failed request never adds a label
+    assert labels.label("new", ok=True) == "new"
+    assert labels.label("newer", ok=True) == "other"  # past max_extra
+    assert labels.label("new", ok=False) == "new"
+    assert labels.label(None, ok=True) == "-"
+
+
+def test_status_class_tpot_and_overhead_header_value() -> None:
+    classes = [status_class(s) for s in (200, 304, 429, 499, 503, 0)]
+    assert classes == ["2xx", "3xx", "4xx", "4xx", "5xx", "other"]
+    assert time_per_output_token_s(stream_row(completion_tokens=1)) is None
+    assert time_per_output_token_s(stream_row(ttft_ms=None)) is None
+    assert overhead_value(1.23456) == "1.23"
+    assert overhead_value(-0.001) == "0.00"

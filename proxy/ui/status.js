@@ -21,7 +21,7 @@ const DURATION = ["shepherd_request_duration_seconds", "shepherd_request_seconds
 const STREAMS = ["shepherd_streams_active"];
 const EJECTIONS = ["shepherd_upstream_ejections_total"];
 const UPSTREAM_ERRORS = ["shepherd_upstream_errors_total"];
-const QUEUE = ["shepherd_queue_depth"];
+const QUEUE = ["shepherd_queue_depth", "shepherd_upstream_queued"];
 
 const $ = (id) => document.getElementById(id);
 

@@ -27,6 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.ledger import GROUP_COLUMNS, ROW_COLUMNS, Ledger, UsageRow
+from proxy.ledger_store import migrations
 from proxy.pipeline import GATEWAY
 from scripts.mock_upstream import expected_text
 from tests.conftest import CLIENT_KEY, OTHER_KEY, RunningGateway, StartGateway, base_config, merge
@@ -342,7 +343,9 @@ async def test_postgres_ledger_takes_the_same_rows(start_gateway: StartGateway, 
     assert text.splitlines()[1].startswith("mock-gpt,2,0,8,16,24,")
     conn = await asyncpg.connect(postgres_server.url)
     try:
-        assert [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")] == [1]
+        records = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        applied = [r["version"] for r in records]
+        assert applied == [version for version, _, _ in migrations("postgresql")]
     finally:
         await conn.close()
     ledger = gateway.app[GATEWAY].ledger

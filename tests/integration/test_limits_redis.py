@@ -533,9 +533,10 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def _per_worker_chat_counts(url: str, fetches: int) -> set[tuple[int, int]]:
-    """``(200s, 429s)`` of chat requests as each worker's own ``/metrics`` counts them, from
-    ``fetches`` fresh connections (the kernel spreads them over the workers)."""
+async def _scraped_chat_counts(url: str, fetches: int) -> set[tuple[int, int]]:
+    """``(200s, 429s)`` of chat requests as ``/metrics`` counts them, scraped ``fetches``
+    times on fresh connections (the kernel spreads them over the workers; every worker's
+    scrape shows the whole server's counters)."""
     pattern = re.compile(r'^shepherd_requests_total\{[^}]*endpoint="/v1/chat/completions"'
                          r'[^}]*status="(\d+)"[^}]*\} (\S+)$', re.MULTILINE)
     seen = set()
@@ -570,11 +571,11 @@ async def test_workers_share_redis_limits_and_stop_on_sigterm(
     assert accepted <= 3 + math.floor(elapsed + 0.001), (accepted, elapsed)
     assert accepted >= 3, [(r.status, r.body) for r in replies]
     assert all(r.status in (200, 429) for r in replies)
-    # Both workers answered chat requests, and their refusals add up to one shared limit.
+    # Whichever worker answers the scrape, it shows the whole server: the two workers'
+    # answers add up to the burst, admitted within one shared limit.
     async with asyncio.timeout(10):
-        per_worker = await _per_worker_chat_counts(gateway.url, 24)
-    assert len(per_worker) == 2, per_worker
-    assert tuple(map(sum, zip(*per_worker, strict=True))) == (accepted, 12 - accepted), per_worker
+        scraped = await _scraped_chat_counts(gateway.url, 24)
+    assert scraped == {(accepted, 12 - accepted)}, scraped
 
     gateway.proc.send_signal(signal.SIGTERM)
     async with asyncio.timeout(15):
