@@ -29,8 +29,9 @@ import redis.asyncio as redis_asyncio
 from hypothesis import HealthCheck, event, given, note, seed, settings
 from hypothesis import strategies as st
 
+from proxy import limits_redis
 from proxy.limits import Budget, Demand, Scope, StoreUnavailable, Verdict
-from proxy.limits_redis import RedisLimitStore, _budget_arg, _scopes_arg
+from proxy.limits_redis import RedisLimitStore
 from tests.integration.conftest import SPIN_LUA, RedisServer
 
 LEASE_TTL_S = 60.0
@@ -89,9 +90,8 @@ class Call:
 
 def cancel_op(demand: Demand, lease_id: str) -> dict[str, Any]:
     """The op ``RedisLimitStore._run`` queues to undo a timed-out acquire: the acquire's own
-    op with ``t`` set to ``c``."""
-    return {"t": "c", "id": lease_id, "s": _scopes_arg(demand), "tok": demand.tokens,
-            "usd": demand.usd, "b": _budget_arg(demand)}
+    op with ``op`` set to ``cancel``."""
+    return limits_redis.cancel_op(limits_redis.acquire_op(demand, lease_id))
 
 
 async def invoke(store: RedisLimitStore, call: Call) -> Verdict | None:

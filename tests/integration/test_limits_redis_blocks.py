@@ -58,11 +58,14 @@ async def fresh_store(url: str, clock: Clock | None = None, block_ttl_s: float =
 
 def give_back_op(demand: Demand, block_id: str, window: int, tokens: int, slots: int,
                  token_buckets: bool = True) -> dict[str, Any]:
-    """The final give-back ``RedisLimitStore`` sends when a block ends (``_give_back``);
-    ``token_buckets=False`` is its retry after a failure."""
-    return {"t": "x", "id": block_id, "s": _scopes_arg(demand), "b": _budget_arg(demand),
-            "w": window, "tok": tokens, "usd": 0.0, "m": slots, "fin": 1,
-            "tb": 1 if token_buckets else 0}
+    """The final ``block_return`` ``RedisLimitStore`` sends when a block ends (``QuotaBlocks``
+    decides it, ``_return_op`` writes it); ``token_buckets=False`` is its retry after a failure."""
+    op = {"op": "block_return", "id": block_id, "scopes": _scopes_arg(demand), "tokens": tokens,
+          "usd": 0.0, "final": True, "block_leases": slots, "token_buckets": token_buckets}
+    budget = _budget_arg(demand)
+    if budget is not None:
+        op["budget"], op["window"] = budget, window
+    return op
 
 
 def gcra_bound_holds(times_us: list[int], emission: int, burst: int) -> bool:
@@ -131,7 +134,7 @@ def test_gcra_bound_holds_with_blocks_used_at_any_time(redis_server: RedisServer
                     seen["acquire refused"] += any(not v.allowed for v in verdicts)
                     continue
                 raw = await store._submit(grant_op(demand, f"blk_{n}", count, case["block_us"]))
-                granted = int(raw[0])
+                granted = int(raw["size"])
                 note(f"t={clock.now_us}: block of {count} asked, {granted} granted, used {pattern}")
                 seen["granted" if granted == count else "cut" if granted else "refused"] += 1
                 admitted += use_times(pattern, granted, clock.now_us, case["block_us"], rnd)
@@ -181,12 +184,12 @@ async def test_a_block_holds_its_share_and_gives_back_exactly_once(redis_server:
     async with fresh_store(redis_server.url, clock) as store:
         p = store.key_prefix
         raw = await store._submit(grant_op(demand, "blk_a", 64, 250_000))
-        assert raw[0] == 64
-        window = raw[2]
+        assert raw["size"] == 64
+        window = raw["window"]
         budget_key = f"{p}budget:k:{window}"
         assert await dump_key(r, f"{p}k:blocks") == ["blk_a*64"]
         assert await dump_key(r, budget_key) == {"tok": "6400", "r:blk_a": "6400 0.000000000000"}
-        assert float((await dump_key(r, f"{p}k:tb"))["v"]) == 6_000_000 - 6400
+        assert float((await dump_key(r, f"{p}k:bucket"))["level"]) == 6_000_000 - 6400
 
         # The block's 64 leases count for everyone: 736 single leases fit, the next does not.
         verdicts = await asyncio.gather(*(store.acquire(demand, f"ls_{i}") for i in range(737)))
@@ -198,11 +201,11 @@ async def test_a_block_holds_its_share_and_gives_back_exactly_once(redis_server:
         await store._submit(give_back_op(demand, "blk_a", window, 6400 - 400, 64))
         assert await dump_key(r, f"{p}k:blocks") in (None, [])
         assert await dump_key(r, budget_key) == {"tok": str(736 * 100 + 400)}
-        assert float((await dump_key(r, f"{p}k:tb"))["v"]) == 6_000_000 - 736 * 100 - 400
+        assert float((await dump_key(r, f"{p}k:bucket"))["level"]) == 6_000_000 - 736 * 100 - 400
         # A retry of the give-back (after a lost answer) changes nothing.
         await store._submit(give_back_op(demand, "blk_a", window, 6400 - 400, 64, token_buckets=False))
         assert await dump_key(r, budget_key) == {"tok": str(736 * 100 + 400)}
-        assert float((await dump_key(r, f"{p}k:tb"))["v"]) == 6_000_000 - 736 * 100 - 400
+        assert float((await dump_key(r, f"{p}k:bucket"))["level"]) == 6_000_000 - 736 * 100 - 400
         verdicts = await asyncio.gather(*(store.acquire(demand, f"again_{i}") for i in range(801)))
         assert [v.allowed for v in verdicts].count(True) == 800
     await r.aclose()
@@ -217,11 +220,11 @@ async def test_a_grant_whose_answer_was_lost_is_undone(redis_server: RedisServer
         p = store.key_prefix
         op = grant_op(demand, "blk_lost", 256, 250_000)
         raw = await store._submit(op)
-        assert raw[0] == 100  # cut to 1/8 of the 800 leases
+        assert raw["size"] == 100  # cut to 1/8 of the 800 leases
         # What RedisLimitStore queues when the grant's call timed out: the op as a cancel.
-        await store._submit({**op, "t": "c"})
+        await store._submit({**op, "op": "cancel"})
         assert await dump_key(r, f"{p}k:blocks") in (None, [])
-        assert await dump_key(r, f"{p}budget:k:{raw[2]}") in (None, {"tok": "0"})
+        assert await dump_key(r, f"{p}budget:k:{raw['window']}") in (None, {"tok": "0"})
         verdicts = await asyncio.gather(*(store.acquire(demand, f"ls_{i}") for i in range(801)))
         assert [v.allowed for v in verdicts].count(True) == 800
     await r.aclose()
@@ -233,13 +236,13 @@ async def test_no_block_near_a_limit(redis_server: RedisServer) -> None:
     clock = Clock(int(time.time()) * 1_000_000)
     async with fresh_store(redis_server.url, clock) as store:
         slow = Demand((Scope("slow", rpm=600, burst=1000),), tokens=1)   # 10 per s: 2.5 per 250 ms
-        assert (await store._submit(grant_op(slow, "blk_1", 4, 250_000)))[0] == 0
+        assert (await store._submit(grant_op(slow, "blk_1", 4, 250_000)))["size"] == 0
         tight = Demand((Scope("tight", max_concurrent=31),), tokens=1)   # 31 / 8 < 4
-        assert (await store._submit(grant_op(tight, "blk_2", 4, 250_000)))[0] == 0
+        assert (await store._submit(grant_op(tight, "blk_2", 4, 250_000)))["size"] == 0
         budget = Demand((), tokens=100, budget=Budget("b", 3199, None, 86400.0))  # 3199 / 8 / 100 < 4
-        assert (await store._submit(grant_op(budget, "blk_3", 4, 250_000)))[0] == 0
+        assert (await store._submit(grant_op(budget, "blk_3", 4, 250_000)))["size"] == 0
         fast = Demand((Scope("fast", rpm=600_000, burst=100_000),), tokens=1)
-        assert (await store._submit(grant_op(fast, "blk_4", 256, 250_000)))[0] == 256
+        assert (await store._submit(grant_op(fast, "blk_4", 256, 250_000)))["size"] == 256
 
 
 # --- the store: busy keys are admitted from blocks, and everything comes back ---------------
@@ -272,7 +275,7 @@ async def test_busy_key_is_admitted_from_blocks_and_settles_exactly(redis_server
         await asyncio.sleep(0.3)  # every block has ended and been given back
         budget_key = f"{p}budget:k:{verdicts[0].budget_window}"
         assert await dump_key(r, budget_key) == {"tok": str(used)}
-        assert float((await dump_key(r, f"{p}k:tb"))["v"]) == 60_000_000 - used
+        assert float((await dump_key(r, f"{p}k:bucket"))["level"]) == 60_000_000 - used
         assert await dump_key(r, f"{p}k:blocks") in (None, [])
         assert await dump_key(r, f"{p}k:leases") in (None, [])
 
@@ -289,7 +292,7 @@ async def test_busy_key_is_admitted_from_blocks_and_settles_exactly(redis_server
 
         await asyncio.sleep(0.3)
         assert await dump_key(r, budget_key) == {"tok": str(used)}
-        assert float((await dump_key(r, f"{p}k:tb"))["v"]) == 60_000_000 - used
+        assert float((await dump_key(r, f"{p}k:bucket"))["level"]) == 60_000_000 - used
     await r.aclose()
 
 
