@@ -224,6 +224,20 @@ def _pg_ts(unix_s: float) -> datetime:
     return datetime.fromtimestamp(unix_s, UTC)
 
 
+async def migrate_postgresql(conn: asyncpg.Connection) -> None:
+    """Apply the pending numbered migrations on ``conn``, in one transaction under an
+    advisory lock (instances starting together apply each migration once)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_MIGRATION_LOCK)
+        await conn.execute(_SCHEMA_MIGRATIONS["postgresql"])
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, script in migrations("postgresql"):
+            if version not in done:
+                await conn.execute(script)
+                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                                   version, name)
+
+
 class PostgresStore:
     """The ledger in PostgreSQL (``url``: ``postgresql://user:password@host:port/db``)."""
 
@@ -243,23 +257,11 @@ class PostgresStore:
             return
         conn = await asyncpg.connect(self._url)
         try:
-            await self._migrate(conn)
+            await migrate_postgresql(conn)
         except BaseException:
             conn.terminate()
             raise
         self._conn = conn
-
-    @staticmethod
-    async def _migrate(conn: asyncpg.Connection) -> None:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_MIGRATION_LOCK)
-            await conn.execute(_SCHEMA_MIGRATIONS["postgresql"])
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-            for version, name, script in migrations("postgresql"):
-                if version not in done:
-                    await conn.execute(script)
-                    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                                       version, name)
 
     async def insert(self, rows: Sequence[RowValues]) -> None:
         """Write ``rows`` in one statement, one round trip (atomic; duplicate

@@ -20,7 +20,7 @@ import aiosqlite
 import asyncpg
 
 from proxy.config import KeyLimitsConfig
-from proxy.ledger_store import SQLITE_BUSY_TIMEOUT_MS, PostgresStore, SQLiteStore
+from proxy.ledger_store import SQLITE_BUSY_TIMEOUT_MS, SQLiteStore, migrate_postgresql
 from proxy.runtime_keys import (
     COLUMNS,
     KeyExistsError,
@@ -168,10 +168,13 @@ class PostgresKeys:
     async def connect(self) -> None:
         if self._conn is not None:
             return
-        migrator = PostgresStore(self._url)
-        await migrator.connect()
-        await migrator.close()
-        self._conn = await asyncpg.connect(self._url)
+        conn = await asyncpg.connect(self._url)
+        try:
+            await migrate_postgresql(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._conn = conn
 
     def _c(self) -> asyncpg.Connection:
         if self._conn is None:

@@ -48,10 +48,16 @@ class MockUpstream:
             return await response.json()
 
 
+async def in_process_mock(aiohttp_server: Callable[..., Awaitable[TestServer]],
+                          config: MockConfig) -> MockUpstream:
+    """``scripts/mock_upstream.py`` with ``config`` served in-process on a free port."""
+    server = await aiohttp_server(create_app(config))
+    return MockUpstream(server, str(server.make_url("/v1")))
+
+
 @pytest.fixture
 async def mock_upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> MockUpstream:
-    server = await aiohttp_server(create_app(MockConfig()))
-    return MockUpstream(server, str(server.make_url("/v1")))
+    return await in_process_mock(aiohttp_server, MockConfig())
 
 
 def base_config(upstream_url: str) -> dict[str, Any]:

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
-from scripts.mock_upstream import MockConfig, create_app, expected_text
-from tests.conftest import CLIENT_KEY, OTHER_KEY, MockUpstream, base_config, merge
+from scripts.mock_upstream import MockConfig, expected_text
+from tests.conftest import CLIENT_KEY, OTHER_KEY, MockUpstream, base_config, in_process_mock, merge
 from tests.integration.conftest import REPO_ROOT, GatewayProcess, RedisServer, StartGatewayProcess
 
 ADMIN_KEY = "sk-admin-reload-0123456789abcdef"
@@ -80,8 +80,7 @@ def log_lines(gateway: GatewayProcess, msg: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 async def second_upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> MockUpstream:
-    server = await aiohttp_server(create_app(MockConfig()))
-    return MockUpstream(server, str(server.make_url("/v1")))
+    return await in_process_mock(aiohttp_server, MockConfig())
 
 
 async def test_post_reload_adds_and_removes_keys_and_reports_what_changed(

@@ -32,8 +32,16 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from proxy.pipeline import GATEWAY
-from scripts.mock_upstream import MockConfig, create_app
-from tests.conftest import CLIENT_KEY, MockUpstream, RunningGateway, StartGateway, base_config, merge
+from scripts.mock_upstream import MockConfig
+from tests.conftest import (
+    CLIENT_KEY,
+    MockUpstream,
+    RunningGateway,
+    StartGateway,
+    base_config,
+    in_process_mock,
+    merge,
+)
 from tests.integration.conftest import GatewayProcess, StartGatewayProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -117,12 +125,6 @@ async def mock_process(tmp_path: Path) -> AsyncIterator[StartMock]:
     yield start
     for mock in started:
         await mock.kill()
-
-
-async def in_process_mock(aiohttp_server: Callable[..., Awaitable[TestServer]],
-                          config: MockConfig) -> MockUpstream:
-    server = await aiohttp_server(create_app(config))
-    return MockUpstream(server, str(server.make_url("/v1")))
 
 
 def chat_count(stats: dict[str, Any]) -> int:

@@ -29,8 +29,16 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from proxy.ui_api import CONTENT_SECURITY_POLICY
-from scripts.mock_upstream import MockConfig, create_app, expected_text
-from tests.conftest import CLIENT_KEY, MockUpstream, RunningGateway, StartGateway, base_config, merge
+from scripts.mock_upstream import MockConfig, expected_text
+from tests.conftest import (
+    CLIENT_KEY,
+    MockUpstream,
+    RunningGateway,
+    StartGateway,
+    base_config,
+    in_process_mock,
+    merge,
+)
 from tests.integration.conftest import free_port
 
 try:
@@ -86,8 +94,7 @@ async def browser() -> AsyncIterator[Browser]:
 @pytest.fixture
 async def slow_mock(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> MockUpstream:
     """A mock answering at 25 ms per token, 64 tokens unless ``max_tokens`` says fewer."""
-    server = await aiohttp_server(create_app(MockConfig(tokens=CUT_TOKENS, token_delay_ms=25.0)))
-    return MockUpstream(server, str(server.make_url("/v1")))
+    return await in_process_mock(aiohttp_server, MockConfig(tokens=CUT_TOKENS, token_delay_ms=25.0))
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 import websockets
 from aiohttp.test_utils import TestServer
 
-from scripts.mock_upstream import MockConfig, create_app, expected_text
+from scripts.mock_upstream import MockConfig, expected_text
 from tests.conftest import (
     CLIENT_KEY,
     OTHER_KEY,
@@ -28,6 +28,7 @@ from tests.conftest import (
     RunningGateway,
     StartGateway,
     base_config,
+    in_process_mock,
     merge,
 )
 
@@ -42,8 +43,7 @@ Frame = dict[str, Any]
 @pytest.fixture
 async def slow_mock(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> MockUpstream:
     """A mock whose answers take 20 ms per token (64 tokens unless capped)."""
-    server = await aiohttp_server(create_app(MockConfig(tokens=64, token_delay_ms=20.0)))
-    return MockUpstream(server, str(server.make_url("/v1")))
+    return await in_process_mock(aiohttp_server, MockConfig(tokens=64, token_delay_ms=20.0))
 
 
 def ws_url(gateway: RunningGateway, path: str) -> str:

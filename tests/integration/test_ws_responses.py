@@ -25,13 +25,14 @@ from aiohttp.test_utils import TestServer
 from proxy import ws_responses
 from proxy.pipeline import GATEWAY
 from proxy.websocket import StreamEvent
-from scripts.mock_upstream import MockConfig, create_app, expected_text
+from scripts.mock_upstream import MockConfig, expected_text
 from tests.conftest import (
     CLIENT_KEY,
     MockUpstream,
     RunningGateway,
     StartGateway,
     base_config,
+    in_process_mock,
     merge,
 )
 
@@ -46,8 +47,7 @@ Event = dict[str, Any]
 @pytest.fixture
 async def slow_mock(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> MockUpstream:
     """A mock whose answers take 20 ms per token, 16 tokens unless capped."""
-    server = await aiohttp_server(create_app(MockConfig(tokens=16, token_delay_ms=20.0)))
-    return MockUpstream(server, str(server.make_url("/v1")))
+    return await in_process_mock(aiohttp_server, MockConfig(tokens=16, token_delay_ms=20.0))
 
 
 @pytest.fixture
